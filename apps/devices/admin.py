@@ -1,0 +1,48 @@
+from django.contrib import admin
+
+from apps.devices.models import Agent, Device, PairingCode, Toolkit
+
+
+@admin.register(Toolkit)
+class ToolkitAdmin(admin.ModelAdmin):
+    list_display = ["slug", "description", "created_at"]
+    search_fields = ["slug", "description"]
+
+
+@admin.register(Device)
+class DeviceAdmin(admin.ModelAdmin):
+    list_display = [
+        "name",
+        "group",
+        "kind",
+        "platform",
+        "paired_at",
+        "last_seen_at",
+        "draining",
+        "revoked_at",
+    ]
+    list_filter = ["kind", "draining", "group"]
+    search_fields = ["name", "platform"]
+    readonly_fields = ["token_hash", "token_prefix", "paired_at", "last_seen_at"]
+
+
+@admin.register(PairingCode)
+class PairingCodeAdmin(admin.ModelAdmin):
+    list_display = ["group", "created_by", "created_at", "expires_at", "used_at", "device"]
+    readonly_fields = ["code_hash"]
+
+
+@admin.register(Agent)
+class AgentAdmin(admin.ModelAdmin):
+    list_display = [
+        "name",
+        "device",
+        "group",
+        "status",
+        "capacity",
+        "last_heartbeat_at",
+        "succeeded_count",
+        "failed_count",
+    ]
+    list_filter = ["status", "group"]
+    search_fields = ["name", "device__name"]

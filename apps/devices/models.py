@@ -1,0 +1,101 @@
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+
+from apps.groups.models import Group
+
+
+class Toolkit(models.Model):
+    """A named capability an agent can declare and a task can require."""
+
+    slug = models.SlugField(max_length=50, unique=True)
+    description = models.TextField(blank=True)
+    tool_schemas = models.JSONField(default=list, blank=True)
+    skill = models.TextField(blank=True, help_text="Optional instructions for using the toolkit.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return self.slug
+
+
+class DeviceKind(models.TextChoices):
+    LAPTOP = "laptop"
+    PHONE = "phone"
+    CLOUD = "cloud"
+    OTHER = "other"
+
+
+class Device(models.Model):
+    group = models.ForeignKey(Group, on_delete=models.CASCADE, related_name="devices")
+    name = models.CharField(max_length=100)
+    kind = models.CharField(max_length=10, choices=DeviceKind.choices, default=DeviceKind.OTHER)
+    platform = models.CharField(max_length=100, blank=True)
+    token_hash = models.CharField(max_length=64, unique=True)
+    token_prefix = models.CharField(max_length=16)
+    paired_at = models.DateTimeField()
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    draining = models.BooleanField(default=False)
+    last_seen_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.kind})"
+
+    @property
+    def is_revoked(self) -> bool:
+        return self.revoked_at is not None
+
+
+class PairingCode(models.Model):
+    """A short, single-use code a device exchanges for its token."""
+
+    group = models.ForeignKey(Group, on_delete=models.CASCADE, related_name="pairing_codes")
+    code_hash = models.CharField(max_length=64, unique=True)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
+    created_at = models.DateTimeField(auto_now_add=True)
+    expires_at = models.DateTimeField()
+    used_at = models.DateTimeField(null=True, blank=True)
+    device = models.OneToOneField(Device, null=True, blank=True, on_delete=models.SET_NULL)
+
+    def __str__(self) -> str:
+        return f"pairing code for {self.group} (expires {self.expires_at:%H:%M})"
+
+
+class AgentStatus(models.TextChoices):
+    ONLINE = "online"
+    BUSY = "busy"
+    DRAINING = "draining"
+    SUSPECT = "suspect"
+    OFFLINE = "offline"
+
+
+class Agent(models.Model):
+    group = models.ForeignKey(Group, on_delete=models.CASCADE, related_name="agents")
+    device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="agents")
+    name = models.CharField(max_length=100)
+    # {"shell": "1.0", "python": "3.11"}: slug -> version the agent declared.
+    toolkits = models.JSONField(default=dict, blank=True)
+    capacity = models.PositiveIntegerField(
+        default=1, validators=[MinValueValidator(1), MaxValueValidator(256)]
+    )
+    status = models.CharField(
+        max_length=10, choices=AgentStatus.choices, default=AgentStatus.OFFLINE
+    )
+    client_version = models.CharField(max_length=50, blank=True)
+    last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    succeeded_count = models.PositiveIntegerField(default=0)
+    failed_count = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["device", "name"], name="agent_unique_name_per_device")
+        ]
+        indexes = [models.Index(fields=["group", "status"])]
+
+    def __str__(self) -> str:
+        return f"{self.name}@{self.device_id}"
+
+    @property
+    def success_rate(self) -> float:
+        # Laplace-smoothed, so a new agent starts at 0.5 rather than 0 or 1.
+        return (self.succeeded_count + 1) / (self.succeeded_count + self.failed_count + 2)

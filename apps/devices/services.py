@@ -1,0 +1,205 @@
+import re
+from datetime import timedelta
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.db.models import F
+from django.utils import timezone
+
+from apps.devices.models import Agent, AgentStatus, Device, DeviceKind, PairingCode, Toolkit
+from apps.events.broadcast import broadcast_on_commit, device_channel
+from apps.events.services import event_append
+from apps.groups.models import Group, Role
+from apps.groups.selectors import require_role
+from claw.errors import InvalidInput, InvalidTransition, Unauthorized
+from claw.tokens import new_pairing_code, new_token, normalize_pairing_code, token_hash
+
+PAIRING_CODE_TTL = timedelta(minutes=10)
+TOOLKIT_SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,49}$")
+
+
+def pairing_code_create(*, actor: AbstractBaseUser, group: Group) -> tuple[PairingCode, str]:
+    require_role(user=actor, group_id=group.id, role=Role.OWNER)
+    raw = new_pairing_code()
+    with transaction.atomic():
+        pairing = PairingCode.objects.create(
+            group=group,
+            code_hash=token_hash(raw),
+            created_by=actor,
+            expires_at=timezone.now() + PAIRING_CODE_TTL,
+        )
+        event_append(
+            group_id=group.id,
+            kind="device.pairing_code_created",
+            actor_id=actor.pk,
+            payload={"expires_at": pairing.expires_at.isoformat()},
+        )
+    return pairing, raw
+
+
+def device_pair(
+    *, code: str, name: str, kind: str = DeviceKind.OTHER, platform: str = ""
+) -> tuple[Device, str]:
+    """Exchange a one-time pairing code for a device and its token (shown once)."""
+    name = name.strip()
+    if not name or len(name) > 100:
+        raise InvalidInput("A device needs a name of 1 to 100 characters.")
+    if kind not in DeviceKind.values:
+        raise InvalidInput(f"kind must be one of {', '.join(DeviceKind.values)}.")
+    code_hash = token_hash(normalize_pairing_code(code))
+    now = timezone.now()
+    raw_token = new_token("clawd")
+    with transaction.atomic():
+        claimed = PairingCode.objects.filter(
+            code_hash=code_hash, used_at=None, expires_at__gt=now
+        ).update(used_at=now)
+        if claimed != 1:
+            pairing = PairingCode.objects.filter(code_hash=code_hash).first()
+            if pairing is None:
+                raise Unauthorized("This pairing code is not valid.", code="invalid_code")
+            if pairing.used_at is not None:
+                raise Unauthorized("This pairing code was already used.", code="code_used")
+            raise Unauthorized("This pairing code has expired.", code="code_expired")
+        pairing = PairingCode.objects.get(code_hash=code_hash)
+        device = Device.objects.create(
+            group_id=pairing.group_id,
+            name=name,
+            kind=kind,
+            platform=platform[:100],
+            token_hash=token_hash(raw_token),
+            token_prefix=raw_token[:12],
+            paired_at=now,
+        )
+        PairingCode.objects.filter(id=pairing.id).update(device=device)
+        event_append(
+            group_id=pairing.group_id,
+            kind="device.paired",
+            payload={"device_id": device.id, "name": name, "kind": kind},
+        )
+    return device, raw_token
+
+
+def device_authenticate(*, raw_token: str) -> Device | None:
+    return Device.objects.filter(token_hash=token_hash(raw_token), revoked_at=None).first()
+
+
+def device_revoke(*, actor: AbstractBaseUser, device: Device) -> Device:
+    require_role(user=actor, group_id=device.group_id, role=Role.OWNER)
+    now = timezone.now()
+    with transaction.atomic():
+        if Device.objects.filter(id=device.id, revoked_at=None).update(revoked_at=now) != 1:
+            raise InvalidTransition("This device is already revoked.", code="already_revoked")
+        Agent.objects.filter(device=device).update(status=AgentStatus.OFFLINE)
+        event_append(
+            group_id=device.group_id,
+            kind="device.revoked",
+            actor_id=actor.pk,
+            payload={"device_id": device.id, "name": device.name},
+        )
+        broadcast_on_commit(device_channel(device.id), {"type": "device.revoked"})
+    device.revoked_at = now
+    return device
+
+
+def device_set_draining(*, actor: AbstractBaseUser, device: Device, draining: bool) -> Device:
+    require_role(user=actor, group_id=device.group_id, role=Role.OWNER)
+    with transaction.atomic():
+        if Device.objects.filter(id=device.id, revoked_at=None).update(draining=draining) != 1:
+            raise InvalidTransition("A revoked device cannot be drained.", code="revoked")
+        event_append(
+            group_id=device.group_id,
+            kind="device.draining" if draining else "device.undrained",
+            actor_id=actor.pk,
+            payload={"device_id": device.id},
+        )
+    device.draining = draining
+    return device
+
+
+def _validate_toolkits(toolkits: dict[str, str]) -> None:
+    if len(toolkits) > 100:
+        raise InvalidInput("An agent declares at most 100 toolkits.")
+    for slug, version in toolkits.items():
+        if not TOOLKIT_SLUG.match(slug):
+            raise InvalidInput(f"Toolkit {slug!r} is not a valid slug (a-z, 0-9, - and _).")
+        if not isinstance(version, str) or len(version) > 50:
+            raise InvalidInput(f"Toolkit {slug!r} needs a version string of at most 50 chars.")
+
+
+def agent_register(
+    *,
+    device: Device,
+    name: str,
+    toolkits: dict[str, str],
+    capacity: int = 1,
+    client_version: str = "",
+) -> Agent:
+    """Register an agent on a device, or update it when it says hello again."""
+    name = name.strip()
+    if not name or len(name) > 100:
+        raise InvalidInput("An agent needs a name of 1 to 100 characters.")
+    if not 1 <= capacity <= 256:
+        raise InvalidInput("capacity must be from 1 to 256.")
+    _validate_toolkits(toolkits)
+    now = timezone.now()
+    with transaction.atomic():
+        for slug in toolkits:
+            Toolkit.objects.get_or_create(slug=slug)
+        agent, created = Agent.objects.update_or_create(
+            device=device,
+            name=name,
+            defaults={
+                "group_id": device.group_id,
+                "toolkits": toolkits,
+                "capacity": capacity,
+                "client_version": client_version[:50],
+                "status": AgentStatus.DRAINING if device.draining else AgentStatus.ONLINE,
+                "last_heartbeat_at": now,
+            },
+        )
+        Device.objects.filter(id=device.id).update(last_seen_at=now)
+        event_append(
+            group_id=device.group_id,
+            kind="agent.registered" if created else "agent.online",
+            agent_id=agent.id,
+            payload={"name": name, "toolkits": toolkits, "capacity": capacity},
+        )
+    return agent
+
+
+def agent_heartbeat(*, agent: Agent) -> int:
+    """Keep the agent online and extend the leases of its running attempts.
+
+    Two single-statement updates; no event (heartbeats are not history). Returns how many
+    leases were extended.
+    """
+    from apps.tasks.models import LIVE_ATTEMPT_STATUSES, Attempt
+
+    now = timezone.now()
+    lease = timedelta(seconds=agent.group.lease_timeout_s)
+    Agent.objects.filter(id=agent.id).update(last_heartbeat_at=now)
+    return Attempt.objects.filter(agent_id=agent.id, status__in=LIVE_ATTEMPT_STATUSES).update(
+        lease_expires_at=now + lease
+    )
+
+
+def agent_set_draining(*, actor: AbstractBaseUser, agent: Agent, draining: bool) -> Agent:
+    require_role(user=actor, group_id=agent.group_id, role=Role.OWNER)
+    new_status = AgentStatus.DRAINING if draining else AgentStatus.ONLINE
+    with transaction.atomic():
+        updated = Agent.objects.filter(id=agent.id).exclude(status=AgentStatus.OFFLINE)
+        if updated.update(status=new_status) != 1:
+            raise InvalidTransition("An offline agent cannot change drain state.", code="offline")
+        event_append(
+            group_id=agent.group_id,
+            kind="agent.draining" if draining else "agent.online",
+            agent_id=agent.id,
+            actor_id=actor.pk,
+        )
+    agent.status = new_status
+    return agent
+
+
+def agent_record_outcome(*, agent_id: int, succeeded: bool) -> None:
+    field = "succeeded_count" if succeeded else "failed_count"
+    Agent.objects.filter(id=agent_id).update(**{field: F(field) + 1})

@@ -1,0 +1,39 @@
+"""The one way services push live updates: high-level messages to channel-layer groups,
+sent only after the surrounding transaction commits. The channel layer is a best-effort
+pipe; the database stays the truth and live views resync from it."""
+
+import logging
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.db import transaction
+
+logger = logging.getLogger(__name__)
+
+
+def group_channel(group_id: int) -> str:
+    return f"group.{group_id}"
+
+
+def agent_channel(agent_id: int) -> str:
+    return f"agent.{agent_id}"
+
+
+def device_channel(device_id: int) -> str:
+    return f"device.{device_id}"
+
+
+def send_now(channel_group: str, message: dict) -> None:
+    layer = get_channel_layer()
+    if layer is None:
+        return
+    try:
+        async_to_sync(layer.group_send)(channel_group, message)
+    except Exception:
+        logger.warning(
+            "broadcast to %s failed; live views will resync", channel_group, exc_info=True
+        )
+
+
+def broadcast_on_commit(channel_group: str, message: dict) -> None:
+    transaction.on_commit(lambda: send_now(channel_group, message), robust=True)

@@ -1,0 +1,93 @@
+"""Browser socket for a group's live event stream (session auth, origin checked in asgi).
+
+On connect the client may send {"type": "resume", "after": SEQ}; the consumer replays the
+events after SEQ from the database, then streams new ones as the channel layer delivers
+them. Each frame carries its seq, so a client can dedupe and resume after a reconnect."""
+
+import json
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from apps.events.broadcast import group_channel
+from apps.events.models import Event
+from apps.events.selectors import events_since
+from apps.groups.models import Group
+from apps.groups.selectors import membership_role
+
+MAX_FRAME_BYTES = 4096
+
+
+def event_frame(event: Event) -> dict:
+    return {
+        "type": "event",
+        "seq": event.seq,
+        "kind": event.kind,
+        "task_id": event.task_id,
+        "attempt_id": event.attempt_id,
+        "agent_id": event.agent_id,
+        "payload": event.payload,
+        "created_at": event.created_at.isoformat(),
+    }
+
+
+class GroupEventsConsumer(AsyncWebsocketConsumer):
+    group_id: int | None = None
+
+    async def connect(self) -> None:
+        slug = self.scope["url_route"]["kwargs"]["slug"]
+        self.group_id = await self._authorized_group_id(slug)
+        if self.group_id is None:
+            await self.close(code=4403)
+            return
+        await self.channel_layer.group_add(group_channel(self.group_id), self.channel_name)
+        await self.accept()
+
+    async def disconnect(self, code: int) -> None:
+        if self.group_id is not None:
+            await self.channel_layer.group_discard(group_channel(self.group_id), self.channel_name)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if text_data is None or len(text_data) > MAX_FRAME_BYTES:
+            await self._error(
+                "bad_frame", f"Send JSON text frames of at most {MAX_FRAME_BYTES} bytes."
+            )
+            return
+        try:
+            message = json.loads(text_data)
+        except ValueError:
+            await self._error("bad_json", "The frame is not valid JSON.")
+            return
+        if not isinstance(message, dict) or message.get("type") != "resume":
+            await self._error(
+                "unknown_type", 'The only client frame is {"type": "resume", "after": N}.'
+            )
+            return
+        after = message.get("after", 0)
+        if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+            await self._error("bad_after", "after must be a non-negative integer.")
+            return
+        for frame in await self._frames_since(after):
+            await self.send(text_data=json.dumps(frame))
+
+    async def event_appended(self, message: dict) -> None:
+        frames = await self._frames_since(message["seq"] - 1, limit=1)
+        for frame in frames:
+            await self.send(text_data=json.dumps(frame))
+
+    async def _error(self, code: str, text: str) -> None:
+        await self.send(text_data=json.dumps({"type": "error", "code": code, "message": text}))
+
+    @database_sync_to_async
+    def _authorized_group_id(self, slug: str) -> int | None:
+        user = self.scope.get("user")
+        group = Group.objects.filter(slug=slug).values_list("id", flat=True).first()
+        if group is None or user is None or membership_role(user=user, group_id=group) is None:
+            return None
+        return group
+
+    @database_sync_to_async
+    def _frames_since(self, after: int, limit: int = 500) -> list[dict]:
+        return [
+            event_frame(e) for e in events_since(group_id=self.group_id, after=after, limit=limit)
+        ]

@@ -1,0 +1,183 @@
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+from django.utils.text import slugify
+
+from apps.events.services import event_append
+from apps.groups.models import ApiToken, CheckpointPolicy, Group, Membership, Role
+from apps.groups.selectors import require_role
+from claw.errors import InvalidInput, InvalidTransition, NotFound
+from claw.tokens import new_token, token_hash
+
+POLICY_FIELDS = {
+    "heartbeat_interval_s": (1, 600),
+    "lease_timeout_s": (2, 3600),
+    "max_attempts": (1, 100),
+    "reconnect_grace_s": (0, 3600),
+}
+
+
+def _validate_policies(policies: dict) -> None:
+    for field, value in policies.items():
+        if field == "default_checkpoint_policy":
+            if value not in CheckpointPolicy.values:
+                raise InvalidInput(
+                    f"default_checkpoint_policy must be one of {', '.join(CheckpointPolicy.values)}"
+                )
+            continue
+        if field not in POLICY_FIELDS:
+            raise InvalidInput(f"Unknown group policy {field!r}.")
+        low, high = POLICY_FIELDS[field]
+        if not isinstance(value, int) or not low <= value <= high:
+            raise InvalidInput(f"{field} must be an integer from {low} to {high}.")
+
+
+def _check_lease_vs_heartbeat(heartbeat: int, lease: int) -> None:
+    if lease <= heartbeat:
+        raise InvalidInput(
+            f"lease_timeout_s ({lease}) must be longer than heartbeat_interval_s ({heartbeat})."
+        )
+
+
+def group_create(*, user: AbstractBaseUser, name: str, slug: str = "", **policies) -> Group:
+    name = name.strip()
+    if not name:
+        raise InvalidInput("A group needs a name.")
+    slug = slug or slugify(name)[:50]
+    if not slug:
+        raise InvalidInput("A group needs a slug of letters, digits, - or _.")
+    _validate_policies(policies)
+    group = Group(name=name, slug=slug, **policies)
+    _check_lease_vs_heartbeat(group.heartbeat_interval_s, group.lease_timeout_s)
+    try:
+        with transaction.atomic():
+            group.save()
+            Membership.objects.create(group=group, user=user, role=Role.OWNER)
+            event_append(
+                group_id=group.id,
+                kind="group.created",
+                actor_id=user.pk,
+                payload={"name": name, "slug": slug},
+            )
+    except IntegrityError:
+        raise InvalidInput(f"The slug {slug!r} is taken.", code="slug_taken") from None
+    return group
+
+
+def group_update_policies(*, actor: AbstractBaseUser, group: Group, **policies) -> Group:
+    require_role(user=actor, group_id=group.id, role=Role.OWNER)
+    _validate_policies(policies)
+    with transaction.atomic():
+        current = Group.objects.select_for_update().get(id=group.id)
+        for field, value in policies.items():
+            setattr(current, field, value)
+        _check_lease_vs_heartbeat(current.heartbeat_interval_s, current.lease_timeout_s)
+        current.save(update_fields=list(policies))
+        event_append(
+            group_id=group.id, kind="group.updated", actor_id=actor.pk, payload=dict(policies)
+        )
+    return current
+
+
+def _owner_count(group_id: int) -> int:
+    return Membership.objects.filter(group_id=group_id, role=Role.OWNER).count()
+
+
+def membership_add(
+    *, actor: AbstractBaseUser, group: Group, user: AbstractBaseUser, role: str
+) -> Membership:
+    require_role(user=actor, group_id=group.id, role=Role.OWNER)
+    if role not in Role.values:
+        raise InvalidInput(f"role must be one of {', '.join(Role.values)}.")
+    try:
+        with transaction.atomic():
+            membership = Membership.objects.create(group=group, user=user, role=role)
+            event_append(
+                group_id=group.id,
+                kind="member.added",
+                actor_id=actor.pk,
+                payload={"user_id": user.pk, "username": user.get_username(), "role": role},
+            )
+    except IntegrityError:
+        raise InvalidTransition(
+            f"{user.get_username()} is already a member.", code="already_member"
+        ) from None
+    return membership
+
+
+def membership_set_role(
+    *, actor: AbstractBaseUser, group: Group, user: AbstractBaseUser, role: str
+) -> Membership:
+    require_role(user=actor, group_id=group.id, role=Role.OWNER)
+    if role not in Role.values:
+        raise InvalidInput(f"role must be one of {', '.join(Role.values)}.")
+    with transaction.atomic():
+        membership = Membership.objects.select_for_update().filter(group=group, user=user).first()
+        if membership is None:
+            raise NotFound(f"{user.get_username()} is not a member of this group.")
+        if membership.role == Role.OWNER and role != Role.OWNER and _owner_count(group.id) == 1:
+            raise InvalidTransition("A group keeps at least one owner.", code="last_owner")
+        old_role = membership.role
+        membership.role = role
+        membership.save(update_fields=["role"])
+        event_append(
+            group_id=group.id,
+            kind="member.role_changed",
+            actor_id=actor.pk,
+            payload={"user_id": user.pk, "from": old_role, "to": role},
+        )
+    return membership
+
+
+def membership_remove(*, actor: AbstractBaseUser, group: Group, user: AbstractBaseUser) -> None:
+    """Owners remove anyone; every member may leave."""
+    if actor.pk != user.pk:
+        require_role(user=actor, group_id=group.id, role=Role.OWNER)
+    else:
+        require_role(user=actor, group_id=group.id, role=Role.VIEWER)
+    with transaction.atomic():
+        membership = Membership.objects.select_for_update().filter(group=group, user=user).first()
+        if membership is None:
+            raise NotFound(f"{user.get_username()} is not a member of this group.")
+        if membership.role == Role.OWNER and _owner_count(group.id) == 1:
+            raise InvalidTransition("A group keeps at least one owner.", code="last_owner")
+        membership.delete()
+        event_append(
+            group_id=group.id,
+            kind="member.removed",
+            actor_id=actor.pk,
+            payload={"user_id": user.pk, "username": user.get_username()},
+        )
+
+
+def api_token_create(*, user: AbstractBaseUser, name: str) -> tuple[ApiToken, str]:
+    name = name.strip()
+    if not name or len(name) > 100:
+        raise InvalidInput("A token needs a name of 1 to 100 characters.")
+    raw = new_token("clawp")
+    token = ApiToken.objects.create(
+        user=user, name=name, token_hash=token_hash(raw), prefix=raw[:12]
+    )
+    return token, raw
+
+
+def api_token_revoke(*, user: AbstractBaseUser, token_id: int) -> None:
+    updated = ApiToken.objects.filter(id=token_id, user=user, revoked_at=None).update(
+        revoked_at=timezone.now()
+    )
+    if updated != 1:
+        raise NotFound("No such active token.")
+
+
+def api_token_authenticate(*, raw: str) -> AbstractBaseUser | None:
+    token = (
+        ApiToken.objects.select_related("user")
+        .filter(token_hash=token_hash(raw), revoked_at=None, user__is_active=True)
+        .first()
+    )
+    if token is None:
+        return None
+    now = timezone.now()
+    if token.last_used_at is None or (now - token.last_used_at).total_seconds() > 60:
+        ApiToken.objects.filter(id=token.id).update(last_used_at=now)
+    return token.user

@@ -1,0 +1,746 @@
+"""Task and attempt state changes. Every transition is a compare-and-set update; the
+attempt's epoch is the fencing token, so a stale holder can never overwrite a newer one."""
+
+import hashlib
+import uuid
+from collections import deque
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import IO, Any
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.files.storage import default_storage
+from django.db import IntegrityError, transaction
+from django.db.models import Max
+from django.utils import timezone
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from apps.devices.models import Agent, AgentStatus, Toolkit
+from apps.devices.services import agent_record_outcome
+from apps.events.broadcast import agent_channel, broadcast_on_commit
+from apps.events.services import event_append
+from apps.groups.models import Group, Role
+from apps.groups.selectors import require_role
+from apps.tasks.models import (
+    LIVE_ATTEMPT_STATUSES,
+    LIVE_TASK_STATUSES,
+    TERMINAL_TASK_STATUSES,
+    Artifact,
+    ArtifactKind,
+    Attempt,
+    AttemptStatus,
+    Task,
+    TaskDependency,
+    TaskStatus,
+)
+from claw.errors import InvalidInput, InvalidTransition, NotFound, StaleAttempt
+
+MAX_STEPS = 200
+MAX_DEPENDENCIES = 100
+
+
+class Step(BaseModel):
+    """One explicit tool call an agent can run without a model."""
+
+    model_config = ConfigDict(extra="forbid")
+    tool: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+def _validated_steps(steps: list | None) -> list[dict]:
+    if not steps:
+        return []
+    if not isinstance(steps, list) or len(steps) > MAX_STEPS:
+        raise InvalidInput(f"steps must be a list of at most {MAX_STEPS} tool calls.")
+    try:
+        return [Step.model_validate(step).model_dump() for step in steps]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise InvalidInput(f"steps[{where}]: {first['msg']}", code="invalid_steps") from None
+
+
+def _validated_toolkits(slugs: list[str] | None) -> list[str]:
+    slugs = sorted(set(slugs or []))
+    known = set(Toolkit.objects.filter(slug__in=slugs).values_list("slug", flat=True))
+    unknown = [slug for slug in slugs if slug not in known]
+    if unknown:
+        raise InvalidInput(
+            f"Unknown toolkit(s): {', '.join(unknown)}.",
+            code="unknown_toolkit",
+            details={"unknown": unknown},
+        )
+    return slugs
+
+
+def _status_from_dependencies(statuses: Iterable[str]) -> str:
+    statuses = list(statuses)
+    if any(s in (TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.BLOCKED) for s in statuses):
+        return TaskStatus.BLOCKED
+    if all(s == TaskStatus.SUCCEEDED for s in statuses):
+        return TaskStatus.READY
+    return TaskStatus.WAITING
+
+
+def _require_writer(*, group_id: int, actor: AbstractBaseUser | None, agent: Agent | None) -> None:
+    if agent is not None:
+        if agent.group_id != group_id:
+            raise NotFound("No such task in this agent's group.")
+        return
+    if actor is None:
+        raise InvalidInput("A task change needs a human actor or an agent.")
+    require_role(user=actor, group_id=group_id, role=Role.MEMBER)
+
+
+def task_create(
+    *,
+    group: Group,
+    title: str,
+    actor: AbstractBaseUser | None = None,
+    agent: Agent | None = None,
+    instructions: str = "",
+    steps: list | None = None,
+    required_toolkits: list[str] | None = None,
+    priority: int = 0,
+    max_attempts: int | None = None,
+    parent_id: int | None = None,
+    depends_on: list[int] | None = None,
+) -> Task:
+    _require_writer(group_id=group.id, actor=actor, agent=agent)
+    title = title.strip()
+    if not title or len(title) > 200:
+        raise InvalidInput("A task needs a title of 1 to 200 characters.")
+    if not -100 <= priority <= 100:
+        raise InvalidInput("priority must be from -100 to 100.")
+    if max_attempts is not None and not 1 <= max_attempts <= 100:
+        raise InvalidInput("max_attempts must be from 1 to 100.")
+    steps = _validated_steps(steps)
+    toolkits = _validated_toolkits(required_toolkits)
+    dep_ids = sorted(set(depends_on or []))
+    if len(dep_ids) > MAX_DEPENDENCIES:
+        raise InvalidInput(f"A task depends on at most {MAX_DEPENDENCIES} tasks.")
+
+    with transaction.atomic():
+        parent = None
+        if parent_id is not None:
+            parent = Task.objects.filter(id=parent_id, group=group).first()
+            if parent is None:
+                raise InvalidInput(f"Parent task {parent_id} is not in this group.")
+        deps = dict(Task.objects.filter(id__in=dep_ids, group=group).values_list("id", "status"))
+        missing = [dep for dep in dep_ids if dep not in deps]
+        if missing:
+            raise InvalidInput(
+                f"Dependencies not in this group: {', '.join(map(str, missing))}.",
+                code="unknown_dependency",
+            )
+        task = Task.objects.create(
+            group=group,
+            parent=parent,
+            title=title,
+            instructions=instructions,
+            steps=steps,
+            required_toolkits=toolkits,
+            priority=priority,
+            max_attempts=max_attempts or group.max_attempts,
+            status=_status_from_dependencies(deps.values()),
+            created_by_user=actor if agent is None else None,
+            created_by_agent=agent,
+        )
+        Task.objects.filter(id=task.id).update(root_id=parent.root_id if parent else task.id)
+        task.root_id = parent.root_id if parent else task.id
+        TaskDependency.objects.bulk_create(
+            [TaskDependency(task=task, depends_on_id=dep) for dep in dep_ids]
+        )
+        event_append(
+            group_id=group.id,
+            kind="task.created",
+            task_id=task.id,
+            agent_id=agent.id if agent else None,
+            actor_id=actor.pk if actor and not agent else None,
+            payload={"title": title, "status": task.status, "depends_on": dep_ids},
+        )
+    return task
+
+
+def _would_cycle(*, task_id: int, depends_on_id: int, group_id: int) -> bool:
+    """True when depends_on already (transitively) depends on task."""
+    edges: dict[int, list[int]] = {}
+    for src, dst in TaskDependency.objects.filter(task__group_id=group_id).values_list(
+        "task_id", "depends_on_id"
+    ):
+        edges.setdefault(src, []).append(dst)
+    seen, queue = set(), deque([depends_on_id])
+    while queue:
+        node = queue.popleft()
+        if node == task_id:
+            return True
+        if node in seen:
+            continue
+        seen.add(node)
+        queue.extend(edges.get(node, []))
+    return False
+
+
+def task_dependency_add(*, actor: AbstractBaseUser, task: Task, depends_on: Task) -> None:
+    require_role(user=actor, group_id=task.group_id, role=Role.MEMBER)
+    if depends_on.group_id != task.group_id:
+        raise InvalidInput("Dependencies must be in the same group.")
+    if task.id == depends_on.id or _would_cycle(
+        task_id=task.id, depends_on_id=depends_on.id, group_id=task.group_id
+    ):
+        raise InvalidInput(
+            f"Task {task.id} cannot depend on task {depends_on.id}: that would make a cycle.",
+            code="dependency_cycle",
+        )
+    with transaction.atomic():
+        current = Task.objects.select_for_update().get(id=task.id)
+        if current.status not in (TaskStatus.WAITING, TaskStatus.READY, TaskStatus.BLOCKED):
+            raise InvalidTransition(
+                f"Dependencies can only be added before a task starts (it is {current.status})."
+            )
+        try:
+            with transaction.atomic():
+                TaskDependency.objects.create(task=current, depends_on=depends_on)
+        except IntegrityError:
+            raise InvalidTransition("That dependency already exists.", code="duplicate") from None
+        statuses = current.dependencies.values_list("status", flat=True)
+        new_status = _status_from_dependencies(statuses)
+        Task.objects.filter(id=task.id, status=current.status).update(status=new_status)
+        event_append(
+            group_id=task.group_id,
+            kind="task.dependency_added",
+            task_id=task.id,
+            actor_id=actor.pk,
+            payload={"depends_on": depends_on.id, "status": new_status},
+        )
+
+
+def _descendant_ids(task_id: int) -> list[int]:
+    ids, frontier = [task_id], [task_id]
+    while frontier:
+        frontier = list(Task.objects.filter(parent_id__in=frontier).values_list("id", flat=True))
+        ids.extend(frontier)
+    return ids
+
+
+def _refresh_agent_load(agent_id: int) -> None:
+    """online <-> busy from the number of live attempts; draining/offline stay as they are."""
+    agent = Agent.objects.filter(id=agent_id).values("capacity").first()
+    if agent is None:
+        return
+    live = Attempt.objects.filter(agent_id=agent_id, status__in=LIVE_ATTEMPT_STATUSES).count()
+    if live >= agent["capacity"]:
+        Agent.objects.filter(id=agent_id, status=AgentStatus.ONLINE).update(status=AgentStatus.BUSY)
+    else:
+        Agent.objects.filter(id=agent_id, status=AgentStatus.BUSY).update(status=AgentStatus.ONLINE)
+
+
+def _propagate_block(task_ids: list[int]) -> list[int]:
+    """Block every not-yet-started dependent of these tasks, transitively."""
+    blocked: list[int] = []
+    frontier = task_ids
+    while frontier:
+        candidates = list(
+            Task.objects.filter(
+                dependency_links__depends_on_id__in=frontier,
+                status__in=[TaskStatus.WAITING, TaskStatus.READY],
+            )
+            .values_list("id", flat=True)
+            .distinct()
+        )
+        frontier = [
+            tid
+            for tid in candidates
+            if Task.objects.filter(
+                id=tid, status__in=[TaskStatus.WAITING, TaskStatus.READY]
+            ).update(status=TaskStatus.BLOCKED)
+        ]
+        blocked.extend(frontier)
+    return blocked
+
+
+def _release_dependents(task_id: int) -> list[int]:
+    """Dependents whose dependencies have now all succeeded become ready."""
+    released = []
+    for dependent in Task.objects.filter(
+        dependency_links__depends_on_id=task_id, status=TaskStatus.WAITING
+    ):
+        statuses = dependent.dependencies.values_list("status", flat=True)
+        if _status_from_dependencies(statuses) == TaskStatus.READY and (
+            Task.objects.filter(id=dependent.id, status=TaskStatus.WAITING).update(
+                status=TaskStatus.READY
+            )
+        ):
+            released.append(dependent.id)
+    return released
+
+
+def _append_status_events(group_id: int, task_ids: list[int], status: str, **payload) -> None:
+    for task_id in task_ids:
+        event_append(
+            group_id=group_id,
+            kind=f"task.{status}",
+            task_id=task_id,
+            payload={"status": status, **payload},
+        )
+
+
+def task_cancel(*, actor: AbstractBaseUser, task: Task, reason: str = "") -> list[int]:
+    """Cancel a task and its whole sub-tree; agents holding them are told to stop.
+    Returns the ids of the tasks that were cancelled."""
+    require_role(user=actor, group_id=task.group_id, role=Role.MEMBER)
+    with transaction.atomic():
+        current = Task.objects.get(id=task.id)
+        if current.status in TERMINAL_TASK_STATUSES:
+            raise InvalidTransition(
+                f"Task {task.id} is already {current.status}.", code="already_finished"
+            )
+        tree = _descendant_ids(task.id)
+        cancelled = [
+            tid
+            for tid in tree
+            if Task.objects.filter(id=tid)
+            .exclude(status__in=TERMINAL_TASK_STATUSES)
+            .update(status=TaskStatus.CANCELLED)
+        ]
+        now = timezone.now()
+        live = list(
+            Attempt.objects.filter(task_id__in=cancelled, status__in=LIVE_ATTEMPT_STATUSES).values(
+                "id", "agent_id", "epoch", "task_id"
+            )
+        )
+        Attempt.objects.filter(id__in=[a["id"] for a in live]).update(
+            status=AttemptStatus.CANCELLED, ended_at=now, lease_expires_at=None
+        )
+        from apps.checkpoints.services import checkpoints_cancel_for_tasks
+
+        checkpoints_cancel_for_tasks(task_ids=cancelled)
+        blocked = _propagate_block(cancelled)
+        for attempt in live:
+            _refresh_agent_load(attempt["agent_id"])
+        _append_status_events(task.group_id, cancelled, TaskStatus.CANCELLED, reason=reason)
+        _append_status_events(task.group_id, blocked, TaskStatus.BLOCKED)
+        for attempt in live:
+            broadcast_on_commit(
+                agent_channel(attempt["agent_id"]),
+                {
+                    "type": "attempt.cancel",
+                    "attempt_id": attempt["id"],
+                    "epoch": attempt["epoch"],
+                    "task_id": attempt["task_id"],
+                },
+            )
+    return cancelled
+
+
+def task_retry(*, actor: AbstractBaseUser, task: Task) -> Task:
+    """Give a failed, cancelled or blocked task a fresh set of attempts."""
+    require_role(user=actor, group_id=task.group_id, role=Role.MEMBER)
+    retryable = (TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.BLOCKED)
+    with transaction.atomic():
+        current = Task.objects.get(id=task.id)
+        if current.status not in retryable:
+            raise InvalidTransition(
+                f"Only failed, cancelled or blocked tasks can be retried (this one is "
+                f"{current.status}).",
+                code="not_retryable",
+            )
+        new_status = _status_from_dependencies(
+            current.dependencies.values_list("status", flat=True)
+        )
+        if new_status == TaskStatus.BLOCKED:
+            raise InvalidTransition(
+                "A dependency of this task failed or was cancelled; retry that first.",
+                code="dependency_blocked",
+            )
+        updated = Task.objects.filter(id=task.id, status=current.status).update(
+            status=new_status, attempt_floor=current.epoch, result=None
+        )
+        if updated != 1:
+            raise InvalidTransition("The task changed meanwhile; reload it.", code="conflict")
+        unblocked = _unblock_dependents(task.id)
+        event_append(
+            group_id=task.group_id,
+            kind="task.retried",
+            task_id=task.id,
+            actor_id=actor.pk,
+            payload={"status": new_status, "from": current.status},
+        )
+        _append_status_events(task.group_id, unblocked, TaskStatus.WAITING)
+    current.refresh_from_db()
+    return current
+
+
+def _unblock_dependents(task_id: int) -> list[int]:
+    unblocked: list[int] = []
+    frontier = [task_id]
+    while frontier:
+        next_frontier = []
+        for dependent in Task.objects.filter(
+            dependency_links__depends_on_id__in=frontier, status=TaskStatus.BLOCKED
+        ).distinct():
+            statuses = dependent.dependencies.values_list("status", flat=True)
+            if _status_from_dependencies(statuses) != TaskStatus.BLOCKED and (
+                Task.objects.filter(id=dependent.id, status=TaskStatus.BLOCKED).update(
+                    status=TaskStatus.WAITING
+                )
+            ):
+                next_frontier.append(dependent.id)
+        unblocked.extend(next_frontier)
+        frontier = next_frontier
+    return unblocked
+
+
+# --- attempts ----------------------------------------------------------------------------
+
+
+def task_assign(*, task_id: int, agent_id: int, choice: dict | None = None) -> Attempt:
+    """Offer a ready task to an agent: a new attempt with the next epoch."""
+    now = timezone.now()
+    with transaction.atomic():
+        agent = (
+            Agent.objects.select_for_update()
+            .select_related("device", "group")
+            .filter(id=agent_id)
+            .first()
+        )
+        if agent is None:
+            raise NotFound(f"No agent {agent_id}.")
+        task = Task.objects.filter(id=task_id).first()
+        if task is None or task.group_id != agent.group_id:
+            raise NotFound(f"No task {task_id} in the agent's group.")
+        if agent.status not in (AgentStatus.ONLINE, AgentStatus.BUSY):
+            raise InvalidTransition(
+                f"Agent {agent.name} is {agent.status}.", code="agent_unavailable"
+            )
+        if agent.device.revoked_at or agent.device.draining:
+            raise InvalidTransition(
+                "The agent's device is revoked or draining.", code="agent_unavailable"
+            )
+        missing = [slug for slug in task.required_toolkits if slug not in agent.toolkits]
+        if missing:
+            raise InvalidTransition(
+                f"Agent {agent.name} lacks toolkit(s) {', '.join(missing)}.", code="missing_toolkit"
+            )
+        live = Attempt.objects.filter(agent=agent, status__in=LIVE_ATTEMPT_STATUSES).count()
+        if live >= agent.capacity:
+            raise InvalidTransition(f"Agent {agent.name} is at capacity.", code="agent_at_capacity")
+        epoch = task.epoch + 1
+        updated = Task.objects.filter(id=task_id, status=TaskStatus.READY, epoch=task.epoch).update(
+            status=TaskStatus.ASSIGNED, epoch=epoch
+        )
+        if updated != 1:
+            raise InvalidTransition(f"Task {task_id} is not ready.", code="not_ready")
+        attempt = Attempt.objects.create(
+            task_id=task_id,
+            agent=agent,
+            device_id=agent.device_id,
+            epoch=epoch,
+            lease_expires_at=now + timedelta(seconds=agent.group.lease_timeout_s),
+            choice=choice or {},
+        )
+        _refresh_agent_load(agent.id)
+        event_append(
+            group_id=task.group_id,
+            kind="task.assigned",
+            task_id=task_id,
+            attempt_id=attempt.id,
+            agent_id=agent.id,
+            payload={"epoch": epoch, "device_id": agent.device_id, "choice": choice or {}},
+        )
+        broadcast_on_commit(
+            agent_channel(agent.id),
+            {"type": "attempt.offered", "attempt_id": attempt.id, "epoch": epoch},
+        )
+    return attempt
+
+
+def _fenced_attempt(
+    *, attempt_id: int, agent: Agent, epoch: int, statuses: Iterable[str]
+) -> Attempt:
+    attempt = Attempt.objects.select_related("task").filter(id=attempt_id).first()
+    if attempt is None or attempt.agent_id != agent.id:
+        raise NotFound(f"Attempt {attempt_id} is not this agent's.")
+    if attempt.epoch != epoch or attempt.task.epoch != epoch or attempt.status not in statuses:
+        raise StaleAttempt(
+            f"Attempt {attempt_id} (epoch {epoch}) no longer holds task {attempt.task_id} "
+            f"(attempt is {attempt.status}, task epoch {attempt.task.epoch}).",
+            details={"task_epoch": attempt.task.epoch, "attempt_status": attempt.status},
+        )
+    return attempt
+
+
+def _cas_attempt(attempt: Attempt, old_status: str, **changes) -> None:
+    if Attempt.objects.filter(id=attempt.id, status=old_status).update(**changes) != 1:
+        raise StaleAttempt(f"Attempt {attempt.id} changed meanwhile.")
+
+
+def _cas_task(attempt: Attempt, old_status: str, **changes) -> None:
+    updated = Task.objects.filter(
+        id=attempt.task_id, status=old_status, epoch=attempt.epoch
+    ).update(**changes)
+    if updated != 1:
+        raise StaleAttempt(f"Task {attempt.task_id} moved past epoch {attempt.epoch}.")
+
+
+def attempt_accept(*, attempt_id: int, agent: Agent, epoch: int) -> Attempt:
+    now = timezone.now()
+    with transaction.atomic():
+        attempt = _fenced_attempt(
+            attempt_id=attempt_id, agent=agent, epoch=epoch, statuses=[AttemptStatus.OFFERED]
+        )
+        lease = now + timedelta(seconds=agent.group.lease_timeout_s)
+        _cas_attempt(
+            attempt,
+            AttemptStatus.OFFERED,
+            status=AttemptStatus.RUNNING,
+            started_at=now,
+            lease_expires_at=lease,
+        )
+        _cas_task(attempt, TaskStatus.ASSIGNED, status=TaskStatus.RUNNING)
+        event_append(
+            group_id=attempt.task.group_id,
+            kind="task.running",
+            task_id=attempt.task_id,
+            attempt_id=attempt.id,
+            agent_id=agent.id,
+            payload={"status": TaskStatus.RUNNING, "epoch": epoch},
+        )
+    attempt.refresh_from_db()
+    return attempt
+
+
+def attempt_decline(*, attempt_id: int, agent: Agent, epoch: int, reason: str) -> None:
+    now = timezone.now()
+    with transaction.atomic():
+        attempt = _fenced_attempt(
+            attempt_id=attempt_id, agent=agent, epoch=epoch, statuses=[AttemptStatus.OFFERED]
+        )
+        _cas_attempt(
+            attempt,
+            AttemptStatus.OFFERED,
+            status=AttemptStatus.DECLINED,
+            ended_at=now,
+            failure_reason=reason[:1000],
+            lease_expires_at=None,
+        )
+        _cas_task(attempt, TaskStatus.ASSIGNED, status=TaskStatus.READY)
+        _refresh_agent_load(agent.id)
+        event_append(
+            group_id=attempt.task.group_id,
+            kind="task.declined",
+            task_id=attempt.task_id,
+            attempt_id=attempt.id,
+            agent_id=agent.id,
+            payload={"status": TaskStatus.READY, "reason": reason[:1000]},
+        )
+
+
+def attempt_complete(*, attempt_id: int, agent: Agent, epoch: int, result: Any) -> Attempt:
+    now = timezone.now()
+    with transaction.atomic():
+        attempt = _fenced_attempt(
+            attempt_id=attempt_id, agent=agent, epoch=epoch, statuses=[AttemptStatus.RUNNING]
+        )
+        _cas_attempt(
+            attempt,
+            AttemptStatus.RUNNING,
+            status=AttemptStatus.SUCCEEDED,
+            ended_at=now,
+            result=result,
+            lease_expires_at=None,
+        )
+        _cas_task(attempt, TaskStatus.RUNNING, status=TaskStatus.SUCCEEDED, result=result)
+        agent_record_outcome(agent_id=agent.id, succeeded=True)
+        _refresh_agent_load(agent.id)
+        released = _release_dependents(attempt.task_id)
+        group_id = attempt.task.group_id
+        event_append(
+            group_id=group_id,
+            kind="task.succeeded",
+            task_id=attempt.task_id,
+            attempt_id=attempt.id,
+            agent_id=agent.id,
+            payload={"status": TaskStatus.SUCCEEDED, "epoch": epoch},
+        )
+        _append_status_events(group_id, released, TaskStatus.READY)
+    attempt.refresh_from_db()
+    return attempt
+
+
+def _attempts_used(task: Task) -> int:
+    return Attempt.objects.filter(
+        task_id=task.id,
+        epoch__gt=task.attempt_floor,
+        status__in=[AttemptStatus.FAILED, AttemptStatus.LOST],
+    ).count()
+
+
+def _end_attempt(
+    *, attempt: Attempt, outcome: str, reason: str, retryable: bool, agent_id: int | None = None
+) -> str:
+    """Close a live attempt as failed or lost and decide what the task does next."""
+    now = timezone.now()
+    _cas_attempt(
+        attempt,
+        attempt.status,
+        status=outcome,
+        ended_at=now,
+        failure_reason=reason[:2000],
+        retryable=retryable,
+        lease_expires_at=None,
+    )
+    task = Task.objects.get(id=attempt.task_id)
+    out_of_attempts = _attempts_used(task) >= task.max_attempts
+    next_status = TaskStatus.FAILED if (not retryable or out_of_attempts) else TaskStatus.READY
+    updated = Task.objects.filter(
+        id=attempt.task_id, epoch=attempt.epoch, status__in=LIVE_TASK_STATUSES
+    ).update(status=next_status)
+    if updated != 1:
+        raise StaleAttempt(f"Task {attempt.task_id} moved past epoch {attempt.epoch}.")
+    agent_record_outcome(agent_id=attempt.agent_id, succeeded=False)
+    _refresh_agent_load(attempt.agent_id)
+    blocked = _propagate_block([attempt.task_id]) if next_status == TaskStatus.FAILED else []
+    event_append(
+        group_id=task.group_id,
+        kind=f"attempt.{outcome}",
+        task_id=task.id,
+        attempt_id=attempt.id,
+        agent_id=agent_id,
+        payload={"status": next_status, "reason": reason[:2000], "retryable": retryable},
+    )
+    _append_status_events(task.group_id, blocked, TaskStatus.BLOCKED)
+    return next_status
+
+
+def attempt_fail(*, attempt_id: int, agent: Agent, epoch: int, error: str, retryable: bool) -> str:
+    """The agent reports a failure. Returns the task's new status (ready or failed)."""
+    with transaction.atomic():
+        attempt = _fenced_attempt(
+            attempt_id=attempt_id, agent=agent, epoch=epoch, statuses=LIVE_ATTEMPT_STATUSES
+        )
+        return _end_attempt(
+            attempt=attempt,
+            outcome=AttemptStatus.FAILED,
+            reason=error,
+            retryable=retryable,
+            agent_id=agent.id,
+        )
+
+
+def attempt_lose(*, attempt_id: int, reason: str) -> str | None:
+    """The system gives up on a live attempt (lease expired, agent gone). Idempotent:
+    returns None when the attempt had already ended."""
+    with transaction.atomic():
+        attempt = Attempt.objects.filter(id=attempt_id, status__in=LIVE_ATTEMPT_STATUSES).first()
+        if attempt is None:
+            return None
+        return _end_attempt(
+            attempt=attempt,
+            outcome=AttemptStatus.LOST,
+            reason=reason,
+            retryable=True,
+            agent_id=attempt.agent_id,
+        )
+
+
+PROGRESS_KINDS = {"step", "tool_call", "log", "artifact"}
+
+
+def attempt_progress(*, attempt_id: int, agent: Agent, epoch: int, kind: str, payload: dict) -> int:
+    """Record a progress item from the running attempt; returns its event seq."""
+    if kind not in PROGRESS_KINDS:
+        raise InvalidInput(f"Progress kind must be one of {', '.join(sorted(PROGRESS_KINDS))}.")
+    with transaction.atomic():
+        attempt = _fenced_attempt(
+            attempt_id=attempt_id, agent=agent, epoch=epoch, statuses=[AttemptStatus.RUNNING]
+        )
+        event = event_append(
+            group_id=attempt.task.group_id,
+            kind=f"progress.{kind}",
+            task_id=attempt.task_id,
+            attempt_id=attempt.id,
+            agent_id=agent.id,
+            payload=payload,
+        )
+    return event.seq
+
+
+# --- artifacts ---------------------------------------------------------------------------
+
+
+def artifact_create(
+    *,
+    task: Task,
+    name: str,
+    upload: IO[bytes],
+    content_type: str = "application/octet-stream",
+    kind: str = ArtifactKind.FILE,
+    actor: AbstractBaseUser | None = None,
+    attempt: Attempt | None = None,
+) -> Artifact:
+    """Store a new version of a named artifact. The file is written before the short
+    transaction that numbers it; a failed transaction removes the file again."""
+    name = name.strip()
+    if not name or len(name) > 200 or "/" in name or "\\" in name or name in {".", ".."}:
+        raise InvalidInput("An artifact needs a file name of 1 to 200 characters, without slashes.")
+    if kind not in ArtifactKind.values:
+        raise InvalidInput(f"kind must be one of {', '.join(ArtifactKind.values)}.")
+    if attempt is None:
+        if actor is None:
+            raise InvalidInput("An artifact needs a human actor or an attempt.")
+        require_role(user=actor, group_id=task.group_id, role=Role.MEMBER)
+    elif attempt.task_id != task.id or attempt.status != AttemptStatus.RUNNING:
+        raise StaleAttempt("Only the running attempt of this task can add artifacts.")
+
+    digest, size = hashlib.sha256(), 0
+    for chunk in iter(lambda: upload.read(64 * 1024), b""):
+        digest.update(chunk)
+        size += len(chunk)
+        if size > settings.CLAW_ARTIFACT_MAX_BYTES:
+            raise InvalidInput(
+                f"Artifacts are limited to {settings.CLAW_ARTIFACT_MAX_BYTES} bytes.",
+                code="too_large",
+            )
+    upload.seek(0)
+    path = default_storage.save(
+        f"artifacts/{task.group_id}/{task.id}/{uuid.uuid4().hex}/{name}", upload
+    )
+    try:
+        with transaction.atomic():
+            Task.objects.select_for_update().get(id=task.id)
+            latest = Artifact.objects.filter(task=task, name=name).aggregate(v=Max("version"))["v"]
+            artifact = Artifact.objects.create(
+                group_id=task.group_id,
+                task=task,
+                attempt=attempt,
+                name=name,
+                version=(latest or 0) + 1,
+                kind=kind,
+                content_type=content_type[:100],
+                size=size,
+                sha256=digest.hexdigest(),
+                file=path,
+                created_by_user=actor,
+                created_by_agent_id=attempt.agent_id if attempt else None,
+            )
+            event_append(
+                group_id=task.group_id,
+                kind="artifact.created",
+                task_id=task.id,
+                attempt_id=attempt.id if attempt else None,
+                agent_id=attempt.agent_id if attempt else None,
+                actor_id=actor.pk if actor else None,
+                payload={
+                    "artifact_id": artifact.id,
+                    "name": name,
+                    "version": artifact.version,
+                    "size": size,
+                    "kind": kind,
+                },
+            )
+    except BaseException:
+        default_storage.delete(path)
+        raise
+    return artifact

@@ -1,0 +1,18 @@
+import os
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "claw.settings")
+
+app = Celery("claw")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks(["apps.events", "apps.tasks", "apps.devices", "apps.checkpoints"])
+
+
+@app.on_after_finalize.connect
+def schedule_periodic_tasks(sender: Celery, **kwargs) -> None:
+    from django.conf import settings
+
+    sender.add_periodic_task(
+        settings.CELERY_BEAT_TICK_SECONDS, sender.signature("claw.beat_tick"), name="beat tick"
+    )

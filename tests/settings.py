@@ -1,0 +1,12 @@
+import os
+import tempfile
+
+from tests.services import configure
+
+SERVICE_SKIPS = configure()
+os.environ.setdefault("CLAW_DATA_DIR", tempfile.mkdtemp(prefix="claw-test-"))
+os.environ.setdefault("CLAW_CHANNEL_PREFIX", f"claw-test-{os.getpid()}")
+
+from claw.settings import *  # noqa: E402, F403
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
