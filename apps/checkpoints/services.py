@@ -120,13 +120,14 @@ def checkpoint_decide(
 ) -> Decision:
     """Record one person's decision. A reject or request-changes resolves at once; approvals
     resolve when the quorum is reached."""
-    require_role(user=actor, group_id=checkpoint.group_id, role=checkpoint.decider_role)
     if verdict not in Verdict.values:
         raise InvalidInput(f"verdict must be one of {', '.join(Verdict.values)}.")
     if len(note) > 5000:
         raise InvalidInput("A note is at most 5000 characters.")
     with transaction.atomic():
         current = Checkpoint.objects.select_for_update().get(id=checkpoint.id)
+        # The role is checked against the locked row: an escalation may have raised it.
+        require_role(user=actor, group_id=current.group_id, role=current.decider_role)
         if current.status != CheckpointStatus.PENDING:
             raise InvalidTransition(
                 f"This checkpoint is already {current.status}.", code="already_resolved"

@@ -1,0 +1,191 @@
+from datetime import timedelta
+
+import pytest
+import time_machine
+from django.utils import timezone
+
+from apps.checkpoints.models import Checkpoint, CheckpointStatus, Decision
+from apps.checkpoints.services import (
+    checkpoint_decide,
+    checkpoint_expire,
+    checkpoint_mark_delivered,
+    checkpoint_raise,
+)
+from apps.events.models import Event
+from apps.groups.models import Membership, Role
+from apps.tasks.services import attempt_accept, task_assign, task_cancel, task_create
+from claw.errors import Forbidden, InvalidInput, InvalidTransition, NotFound
+from tests.conftest import make_user
+
+
+@pytest.fixture
+def running(personas):
+    task = task_create(group=personas.group, actor=personas.member, title="Deploy")
+    attempt = task_assign(task_id=task.id, agent_id=personas.agent.id)
+    return attempt_accept(attempt_id=attempt.id, agent=personas.agent, epoch=attempt.epoch)
+
+
+def raise_for(personas, attempt, **kwargs):
+    return checkpoint_raise(
+        group=personas.group,
+        task=attempt.task,
+        attempt=attempt,
+        source="agent",
+        title="Deploy to production?",
+        options=["deploy", "wait"],
+        **kwargs,
+    )
+
+
+def status_of(checkpoint) -> str:
+    return Checkpoint.objects.values_list("status", flat=True).get(id=checkpoint.id)
+
+
+def test_an_approval_resolves_the_checkpoint_and_reaches_the_agent(
+    personas, running, broadcasts, django_capture_on_commit_callbacks
+):
+    checkpoint = raise_for(personas, running)
+    with django_capture_on_commit_callbacks(execute=True):
+        checkpoint_decide(
+            actor=personas.approver, checkpoint=checkpoint, verdict="approve", note="go"
+        )
+    assert status_of(checkpoint) == CheckpointStatus.APPROVED
+    assert (
+        f"agent.{personas.agent.id}",
+        {
+            "type": "checkpoint.resolved",
+            "checkpoint_id": checkpoint.id,
+            "attempt_id": running.id,
+            "status": "approved",
+            "note": "go",
+        },
+    ) in broadcasts
+    kinds = list(Event.objects.filter(kind__startswith="checkpoint").values_list("kind", flat=True))
+    assert kinds == ["checkpoint.raised", "checkpoint.decision", "checkpoint.approved"]
+
+
+@pytest.mark.parametrize(
+    ("verdict", "status"),
+    [("reject", "rejected"), ("request_changes", "changes_requested")],
+)
+def test_one_reject_or_change_request_resolves_at_once(personas, running, verdict, status):
+    checkpoint = raise_for(personas, running, required_approvals=2)
+    checkpoint_decide(actor=personas.approver, checkpoint=checkpoint, verdict=verdict, note="no")
+    assert status_of(checkpoint) == status
+
+
+def test_approvals_wait_for_the_quorum(personas, running):
+    checkpoint = raise_for(personas, running, required_approvals=2)
+    checkpoint_decide(actor=personas.approver, checkpoint=checkpoint, verdict="approve")
+    assert status_of(checkpoint) == CheckpointStatus.PENDING
+    checkpoint_decide(actor=personas.owner, checkpoint=checkpoint, verdict="approve")
+    assert status_of(checkpoint) == CheckpointStatus.APPROVED
+
+
+def test_deciding_twice_is_rejected(personas, running):
+    checkpoint = raise_for(personas, running, required_approvals=2)
+    checkpoint_decide(actor=personas.approver, checkpoint=checkpoint, verdict="approve")
+    with pytest.raises(InvalidTransition) as exc:
+        checkpoint_decide(actor=personas.approver, checkpoint=checkpoint, verdict="approve")
+    assert exc.value.code == "already_decided"
+    assert Decision.objects.count() == 1
+
+
+def test_a_resolved_checkpoint_takes_no_more_decisions(personas, running):
+    checkpoint = raise_for(personas, running)
+    checkpoint_decide(actor=personas.approver, checkpoint=checkpoint, verdict="reject")
+    with pytest.raises(InvalidTransition) as exc:
+        checkpoint_decide(actor=personas.owner, checkpoint=checkpoint, verdict="approve")
+    assert exc.value.code == "already_resolved"
+    assert status_of(checkpoint) == CheckpointStatus.REJECTED
+
+
+def test_viewers_members_and_outsiders_cannot_decide(personas, running):
+    checkpoint = raise_for(personas, running)
+    for persona, error in (
+        (personas.viewer, Forbidden),
+        (personas.member, Forbidden),
+        (personas.outsider, NotFound),
+    ):
+        with pytest.raises(error):
+            checkpoint_decide(actor=persona, checkpoint=checkpoint, verdict="approve")
+    assert not Decision.objects.exists()
+
+
+def test_an_owner_only_checkpoint_refuses_approvers(personas, running):
+    checkpoint = raise_for(personas, running, decider_role=Role.OWNER)
+    with pytest.raises(Forbidden):
+        checkpoint_decide(actor=personas.approver, checkpoint=checkpoint, verdict="approve")
+
+
+def test_an_expired_checkpoint_refuses_decisions_and_expires_by_its_policy(personas, running):
+    checkpoint = raise_for(personas, running, expires_at=timezone.now() + timedelta(minutes=5))
+    with time_machine.travel(timezone.now() + timedelta(minutes=6)):
+        with pytest.raises(InvalidTransition) as exc:
+            checkpoint_decide(actor=personas.approver, checkpoint=checkpoint, verdict="approve")
+        assert exc.value.code == "expired"
+        assert checkpoint_expire(checkpoint_id=checkpoint.id) == CheckpointStatus.EXPIRED
+        assert checkpoint_expire(checkpoint_id=checkpoint.id) is None
+    assert status_of(checkpoint) == CheckpointStatus.EXPIRED
+
+
+def test_expiry_can_escalate_to_owners(personas, running):
+    checkpoint = raise_for(
+        personas,
+        running,
+        expires_at=timezone.now() + timedelta(minutes=5),
+        expiry_action="escalate",
+    )
+    with time_machine.travel(timezone.now() + timedelta(minutes=6)):
+        assert checkpoint_expire(checkpoint_id=checkpoint.id) == "escalated"
+        with pytest.raises(Forbidden):
+            checkpoint_decide(actor=personas.approver, checkpoint=checkpoint, verdict="approve")
+        checkpoint_decide(actor=personas.owner, checkpoint=checkpoint, verdict="approve")
+    assert status_of(checkpoint) == CheckpointStatus.APPROVED
+
+
+def test_a_pending_checkpoint_does_not_expire_early(personas, running):
+    checkpoint = raise_for(personas, running, expires_at=timezone.now() + timedelta(minutes=5))
+    assert checkpoint_expire(checkpoint_id=checkpoint.id) is None
+    assert status_of(checkpoint) == CheckpointStatus.PENDING
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"title": ""},
+        {"title": "x", "source": "oracle"},
+        {"title": "x", "required_approvals": 0},
+        {"title": "x", "decider_role": "viewer"},
+        {"title": "x", "options": ["a"] * 11},
+        {"title": "x", "expiry_action": "explode"},
+    ],
+)
+def test_invalid_checkpoints_are_rejected(personas, kwargs):
+    kwargs = {"source": "human", **kwargs}
+    with pytest.raises(InvalidInput):
+        checkpoint_raise(group=personas.group, **kwargs)
+    assert not Checkpoint.objects.exists()
+
+
+def test_cancelling_the_task_cancels_its_pending_checkpoints(personas, running):
+    checkpoint = raise_for(personas, running)
+    task_cancel(actor=personas.member, task=running.task)
+    assert status_of(checkpoint) == CheckpointStatus.CANCELLED
+
+
+def test_delivery_is_marked_once_and_only_after_resolution(personas, running):
+    checkpoint = raise_for(personas, running)
+    assert checkpoint_mark_delivered(checkpoint_id=checkpoint.id) is False
+    checkpoint_decide(actor=personas.approver, checkpoint=checkpoint, verdict="approve")
+    assert checkpoint_mark_delivered(checkpoint_id=checkpoint.id) is True
+    assert checkpoint_mark_delivered(checkpoint_id=checkpoint.id) is False
+
+
+def test_a_former_approver_cannot_decide(personas, running):
+    checkpoint = raise_for(personas, running)
+    leaver = make_user("leaver")
+    Membership.objects.create(group=personas.group, user=leaver, role=Role.APPROVER)
+    Membership.objects.filter(user=leaver).delete()
+    with pytest.raises(NotFound):
+        checkpoint_decide(actor=leaver, checkpoint=checkpoint, verdict="approve")
