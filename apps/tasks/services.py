@@ -396,20 +396,31 @@ def _unblock_dependents(task_id: int) -> list[int]:
 
 
 def task_assign(*, task_id: int, agent_id: int, choice: dict | None = None) -> Attempt:
-    """Offer a ready task to an agent: a new attempt with the next epoch."""
+    """Offer a ready task to an agent: a new attempt with the next epoch.
+
+    Lock order is task, then agent, then the group (events), as in every attempt service,
+    so an assignment and a completion touching the same rows cannot deadlock.
+    """
     now = timezone.now()
     with transaction.atomic():
+        task = Task.objects.filter(id=task_id).first()
+        if task is None:
+            raise NotFound(f"No task {task_id}.")
+        epoch = task.epoch + 1
+        updated = Task.objects.filter(id=task_id, status=TaskStatus.READY, epoch=task.epoch).update(
+            status=TaskStatus.ASSIGNED, epoch=epoch
+        )
+        if updated != 1:
+            raise InvalidTransition(f"Task {task_id} is not ready.", code="not_ready")
+        # Any error below rolls the claim back.
         agent = (
             Agent.objects.select_for_update()
             .select_related("device", "group")
-            .filter(id=agent_id)
+            .filter(id=agent_id, group_id=task.group_id)
             .first()
         )
         if agent is None:
-            raise NotFound(f"No agent {agent_id}.")
-        task = Task.objects.filter(id=task_id).first()
-        if task is None or task.group_id != agent.group_id:
-            raise NotFound(f"No task {task_id} in the agent's group.")
+            raise NotFound(f"No agent {agent_id} in the task's group.")
         if agent.status not in (AgentStatus.ONLINE, AgentStatus.BUSY):
             raise InvalidTransition(
                 f"Agent {agent.name} is {agent.status}.", code="agent_unavailable"
@@ -426,12 +437,6 @@ def task_assign(*, task_id: int, agent_id: int, choice: dict | None = None) -> A
         live = Attempt.objects.filter(agent=agent, status__in=LIVE_ATTEMPT_STATUSES).count()
         if live >= agent.capacity:
             raise InvalidTransition(f"Agent {agent.name} is at capacity.", code="agent_at_capacity")
-        epoch = task.epoch + 1
-        updated = Task.objects.filter(id=task_id, status=TaskStatus.READY, epoch=task.epoch).update(
-            status=TaskStatus.ASSIGNED, epoch=epoch
-        )
-        if updated != 1:
-            raise InvalidTransition(f"Task {task_id} is not ready.", code="not_ready")
         attempt = Attempt.objects.create(
             task_id=task_id,
             agent=agent,
