@@ -5,17 +5,10 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "claw.settings")
 django_asgi_app = get_asgi_application()
 
-from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
-from claw.routing import browser_websocket_urlpatterns  # noqa: E402
+from claw.routing import websocket_urlpatterns  # noqa: E402
 
 application = ProtocolTypeRouter(
-    {
-        "http": django_asgi_app,
-        "websocket": AllowedHostsOriginValidator(
-            AuthMiddlewareStack(URLRouter(browser_websocket_urlpatterns))
-        ),
-    }
+    {"http": django_asgi_app, "websocket": URLRouter(websocket_urlpatterns)}
 )

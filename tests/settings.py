@@ -10,3 +10,6 @@ os.environ.setdefault("CLAW_CHANNEL_PREFIX", f"claw-test-{os.getpid()}")
 from claw.settings import *  # noqa: E402, F403
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+# Consumers run ORM calls in worker threads; persistent connections there would outlive
+# the test and block dropping the test database.
+DATABASES["default"]["CONN_MAX_AGE"] = 0  # noqa: F405

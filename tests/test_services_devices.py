@@ -121,7 +121,7 @@ def test_a_heartbeat_extends_the_leases_of_running_attempts(personas):
     attempt_accept(attempt_id=attempt.id, agent=agent, epoch=attempt.epoch)
     later = timezone.now() + timedelta(seconds=20)
     with time_machine.travel(later):
-        assert agent_heartbeat(agent=agent) == 1
+        assert agent_heartbeat(agent_id=agent.id, lease_timeout_s=30) == 1
     lease = Attempt.objects.get(id=attempt.id).lease_expires_at
     assert lease >= later + timedelta(seconds=personas.group.lease_timeout_s - 1)
 

@@ -74,6 +74,7 @@ class Agent(models.Model):
     name = models.CharField(max_length=100)
     # {"shell": "1.0", "python": "3.11"}: slug -> version the agent declared.
     toolkits = models.JSONField(default=dict, blank=True)
+    tool_schemas = models.JSONField(default=dict, blank=True)
     capacity = models.PositiveIntegerField(
         default=1, validators=[MinValueValidator(1), MaxValueValidator(256)]
     )
@@ -82,6 +83,10 @@ class Agent(models.Model):
     )
     client_version = models.CharField(max_length=50, blank=True)
     last_heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # The channel name of the live socket; a closing socket only marks the agent suspect
+    # if it is still the current one (a reconnect may already have replaced it).
+    connection = models.CharField(max_length=200, blank=True)
+    disconnected_at = models.DateTimeField(null=True, blank=True)
     succeeded_count = models.PositiveIntegerField(default=0)
     failed_count = models.PositiveIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -99,3 +104,22 @@ class Agent(models.Model):
     def success_rate(self) -> float:
         # Laplace-smoothed, so a new agent starts at 0.5 rather than 0 or 1.
         return (self.succeeded_count + 1) / (self.succeeded_count + self.failed_count + 2)
+
+
+class AgentMessage(models.Model):
+    """The answer given to an agent's frame, keyed by its client message id, written in the
+    same transaction as the frame's effect: a replayed id gets this answer and no second
+    effect."""
+
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="messages")
+    client_id = models.CharField(max_length=64)
+    response = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["agent", "client_id"], name="agent_message_once")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.agent_id}:{self.client_id}"

@@ -133,6 +133,8 @@ def agent_register(
     toolkits: dict[str, str],
     capacity: int = 1,
     client_version: str = "",
+    tool_schemas: dict[str, list] | None = None,
+    connection: str = "",
 ) -> Agent:
     """Register an agent on a device, or update it when it says hello again."""
     name = name.strip()
@@ -153,6 +155,9 @@ def agent_register(
                 "toolkits": toolkits,
                 "capacity": capacity,
                 "client_version": client_version[:50],
+                "tool_schemas": tool_schemas or {},
+                "connection": connection,
+                "disconnected_at": None,
                 "status": AgentStatus.DRAINING if device.draining else AgentStatus.ONLINE,
                 "last_heartbeat_at": now,
             },
@@ -167,20 +172,76 @@ def agent_register(
     return agent
 
 
-def agent_heartbeat(*, agent: Agent) -> int:
-    """Keep the agent online and extend the leases of its running attempts.
+def agent_heartbeat(*, agent_id: int, lease_timeout_s: int) -> int:
+    """Keep the agent alive and extend the leases of all its live attempts.
 
-    Two single-statement updates; no event (heartbeats are not history). Returns how many
-    leases were extended.
+    Two single-statement updates and no event (heartbeats are not history). Returns how
+    many leases were extended.
     """
     from apps.tasks.models import LIVE_ATTEMPT_STATUSES, Attempt
 
     now = timezone.now()
-    lease = timedelta(seconds=agent.group.lease_timeout_s)
-    Agent.objects.filter(id=agent.id).update(last_heartbeat_at=now)
-    return Attempt.objects.filter(agent_id=agent.id, status__in=LIVE_ATTEMPT_STATUSES).update(
-        lease_expires_at=now + lease
+    Agent.objects.filter(id=agent_id).update(last_heartbeat_at=now)
+    return Attempt.objects.filter(agent_id=agent_id, status__in=LIVE_ATTEMPT_STATUSES).update(
+        lease_expires_at=now + timedelta(seconds=lease_timeout_s)
     )
+
+
+def agent_connection_opened(*, device_id: int, info, connection: str) -> Agent:
+    """A device socket said hello: register or refresh the agent and make this socket its
+    current connection. `info` is a claw.protocol.AgentInfo."""
+    device = Device.objects.filter(id=device_id, revoked_at=None).first()
+    if device is None:
+        raise Unauthorized("This device was revoked.", code="revoked")
+    agent = agent_register(
+        device=device,
+        name=info.name,
+        toolkits=dict(info.toolkits),
+        tool_schemas=dict(info.tool_schemas),
+        capacity=info.capacity,
+        client_version=info.client_version,
+        connection=connection,
+    )
+    from apps.tasks.services import refresh_agent_load
+
+    refresh_agent_load(agent.id)
+    agent.refresh_from_db()
+    return agent
+
+
+def agent_connection_closed(*, agent_id: int, connection: str) -> bool:
+    """The agent's current socket closed: it becomes suspect (the failover sweeper decides
+    after the group's grace period). A socket that was already replaced changes nothing."""
+    now = timezone.now()
+    with transaction.atomic():
+        agent = Agent.objects.filter(id=agent_id, connection=connection).first()
+        if agent is None:
+            return False
+        updated = (
+            Agent.objects.filter(id=agent_id, connection=connection)
+            .exclude(status=AgentStatus.OFFLINE)
+            .update(status=AgentStatus.SUSPECT, connection="", disconnected_at=now)
+        )
+        if updated:
+            event_append(
+                group_id=agent.group_id,
+                kind="agent.disconnected",
+                agent_id=agent_id,
+                payload={"status": AgentStatus.SUSPECT},
+            )
+    return bool(updated)
+
+
+def agent_drain_self(*, agent_id: int) -> None:
+    """The agent itself says it is shutting down: no new work."""
+    with transaction.atomic():
+        agent = Agent.objects.get(id=agent_id)
+        if (
+            Agent.objects.filter(id=agent_id)
+            .exclude(status=AgentStatus.DRAINING)
+            .update(status=AgentStatus.DRAINING)
+        ):
+            event_append(group_id=agent.group_id, kind="agent.draining", agent_id=agent_id)
 
 
 def agent_set_draining(*, actor: AbstractBaseUser, agent: Agent, draining: bool) -> Agent:

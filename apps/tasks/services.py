@@ -224,7 +224,7 @@ def _descendant_ids(task_id: int) -> list[int]:
     return ids
 
 
-def _refresh_agent_load(agent_id: int) -> None:
+def refresh_agent_load(agent_id: int) -> None:
     """online <-> busy from the number of live attempts; draining/offline stay as they are."""
     agent = Agent.objects.filter(id=agent_id).values("capacity").first()
     if agent is None:
@@ -318,7 +318,7 @@ def task_cancel(*, actor: AbstractBaseUser, task: Task, reason: str = "") -> lis
         checkpoints_cancel_for_tasks(task_ids=cancelled)
         blocked = _propagate_block(cancelled)
         for attempt in live:
-            _refresh_agent_load(attempt["agent_id"])
+            refresh_agent_load(attempt["agent_id"])
         _append_status_events(task.group_id, cancelled, TaskStatus.CANCELLED, reason=reason)
         _append_status_events(task.group_id, blocked, TaskStatus.BLOCKED)
         for attempt in live:
@@ -445,7 +445,7 @@ def task_assign(*, task_id: int, agent_id: int, choice: dict | None = None) -> A
             lease_expires_at=now + timedelta(seconds=agent.group.lease_timeout_s),
             choice=choice or {},
         )
-        _refresh_agent_load(agent.id)
+        refresh_agent_load(agent.id)
         event_append(
             group_id=task.group_id,
             kind="task.assigned",
@@ -531,7 +531,7 @@ def attempt_decline(*, attempt_id: int, agent: Agent, epoch: int, reason: str) -
             lease_expires_at=None,
         )
         _cas_task(attempt, TaskStatus.ASSIGNED, status=TaskStatus.READY)
-        _refresh_agent_load(agent.id)
+        refresh_agent_load(agent.id)
         event_append(
             group_id=attempt.task.group_id,
             kind="task.declined",
@@ -558,7 +558,7 @@ def attempt_complete(*, attempt_id: int, agent: Agent, epoch: int, result: Any) 
         )
         _cas_task(attempt, TaskStatus.RUNNING, status=TaskStatus.SUCCEEDED, result=result)
         agent_record_outcome(agent_id=agent.id, succeeded=True)
-        _refresh_agent_load(agent.id)
+        refresh_agent_load(agent.id)
         released = _release_dependents(attempt.task_id)
         group_id = attempt.task.group_id
         event_append(
@@ -605,7 +605,7 @@ def _end_attempt(
     if updated != 1:
         raise StaleAttempt(f"Task {attempt.task_id} moved past epoch {attempt.epoch}.")
     agent_record_outcome(agent_id=attempt.agent_id, succeeded=False)
-    _refresh_agent_load(attempt.agent_id)
+    refresh_agent_load(attempt.agent_id)
     blocked = _propagate_block([attempt.task_id]) if next_status == TaskStatus.FAILED else []
     event_append(
         group_id=task.group_id,
@@ -714,7 +714,14 @@ def artifact_create(
     )
     try:
         with transaction.atomic():
-            Task.objects.select_for_update().get(id=task.id)
+            locked = Task.objects.select_for_update().get(id=task.id)
+            # Re-check the fence under the task's lock: the attempt may have been lost (and
+            # the task re-offered) since the caller loaded it.
+            if attempt is not None and (
+                locked.epoch != attempt.epoch
+                or not Attempt.objects.filter(id=attempt.id, status=AttemptStatus.RUNNING).exists()
+            ):
+                raise StaleAttempt(f"Attempt {attempt.id} no longer holds task {task.id}.")
             latest = Artifact.objects.filter(task=task, name=name).aggregate(v=Max("version"))["v"]
             artifact = Artifact.objects.create(
                 group_id=task.group_id,

@@ -1,0 +1,235 @@
+"""`/ws/agent/`: the socket device agents dial out to (protocol in docs/protocol.md).
+
+The consumer is an adapter: it authenticates the device at the handshake, enforces frame
+size and rate limits, parses frames with claw.protocol, and calls services. Server pushes
+arrive from services as channel-layer messages (after commit) and are re-read from the
+database before they are sent, so a frame always reflects committed state.
+"""
+
+import json
+import logging
+import time
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+
+from apps.devices import selectors
+from apps.devices.frames import agent_message_once
+from apps.devices.services import (
+    agent_connection_closed,
+    agent_connection_opened,
+    agent_drain_self,
+    agent_heartbeat,
+    device_authenticate,
+)
+from apps.events.broadcast import agent_channel, device_channel
+from claw import protocol
+from claw.protocol import FrameError
+
+logger = logging.getLogger(__name__)
+
+RATE_PER_S = 50.0
+BURST = 200
+MAX_RATE_VIOLATIONS = 50
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
+        self.tokens, self.stamp = float(burst), time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+def _bearer_token(scope: dict) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+class AgentConsumer(AsyncWebsocketConsumer):
+    device_id: int | None = None
+    agent_id: int | None = None
+
+    async def connect(self) -> None:
+        token = _bearer_token(self.scope)
+        device = (
+            await database_sync_to_async(device_authenticate)(raw_token=token) if token else None
+        )
+        await self.accept()
+        if device is None:
+            await self._error(
+                None, "unauthorized", "Send a valid device token as Authorization: Bearer …"
+            )
+            await self.close(code=protocol.CLOSE_UNAUTHORIZED)
+            return
+        self.device_id = device.id
+        self.bucket = TokenBucket(RATE_PER_S, BURST)
+        self.violations = 0
+        await self.channel_layer.group_add(device_channel(device.id), self.channel_name)
+
+    async def disconnect(self, code: int) -> None:
+        if self.device_id is not None:
+            await self.channel_layer.group_discard(
+                device_channel(self.device_id), self.channel_name
+            )
+        if self.agent_id is not None:
+            await self.channel_layer.group_discard(agent_channel(self.agent_id), self.channel_name)
+            await database_sync_to_async(agent_connection_closed)(
+                agent_id=self.agent_id, connection=self.channel_name
+            )
+
+    # --- inbound ---------------------------------------------------------------------------
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.device_id is None:
+            return
+        if text_data is None:
+            await self._error(None, "text_only", "Frames are JSON text, not binary.")
+            return
+        if len(text_data) > protocol.MAX_FRAME_BYTES:
+            await self.close(code=protocol.CLOSE_TOO_BIG)
+            return
+        if not self.bucket.take():
+            self.violations += 1
+            if self.violations > MAX_RATE_VIOLATIONS:
+                await self.close(code=protocol.CLOSE_RATE_LIMITED)
+            else:
+                await self._error(
+                    None, "rate_limited", f"Slow down: at most {RATE_PER_S:.0f} frames/s."
+                )
+            return
+        try:
+            frame = protocol.parse_client_frame(text_data)
+        except FrameError as exc:
+            await self._error(exc.re, exc.code, exc.message)
+            if self.agent_id is None:
+                await self.close(code=protocol.CLOSE_PROTOCOL)
+            return
+        if self.agent_id is None and not isinstance(frame, protocol.Hello):
+            await self._error(frame.id, "hello_first", "The first frame must be hello.")
+            await self.close(code=protocol.CLOSE_PROTOCOL)
+            return
+        try:
+            await self._dispatch(frame)
+        except Exception:
+            logger.exception("agent frame %s failed", frame.type)
+            await self._error(
+                frame.id, "internal_error", "The server failed on this frame; retry it."
+            )
+
+    async def _dispatch(self, frame) -> None:
+        match frame:
+            case protocol.Hello():
+                await self._hello(frame)
+            case protocol.Heartbeat():
+                extended = await database_sync_to_async(agent_heartbeat)(
+                    agent_id=self.agent_id, lease_timeout_s=self.lease_timeout_s
+                )
+                await self._send(protocol.Ack(re=frame.id, result={"leases_extended": extended}))
+            case protocol.Drain():
+                await database_sync_to_async(agent_drain_self)(agent_id=self.agent_id)
+                await self._send(protocol.Ack(re=frame.id))
+            case _:
+                response = await database_sync_to_async(agent_message_once)(
+                    agent_id=self.agent_id, frame=frame
+                )
+                await self.send(text_data=json.dumps(response))
+
+    async def _hello(self, frame: protocol.Hello) -> None:
+        if self.agent_id is not None:
+            await self._error(frame.id, "already_hello", "hello is sent once per connection.")
+            return
+        common = set(frame.versions) & set(protocol.SUPPORTED_VERSIONS)
+        if not common:
+            await self._error(
+                frame.id,
+                "unsupported_version",
+                f"This server speaks protocol versions {list(protocol.SUPPORTED_VERSIONS)}.",
+            )
+            await self.close(code=protocol.CLOSE_PROTOCOL)
+            return
+        try:
+            agent = await database_sync_to_async(agent_connection_opened)(
+                device_id=self.device_id, info=frame.agent, connection=self.channel_name
+            )
+        except Exception as exc:  # a DomainError from validation, or a revoked device
+            code = getattr(exc, "code", "internal_error")
+            await self._error(frame.id, code, getattr(exc, "message", "Registration failed."))
+            await self.close(code=protocol.CLOSE_PROTOCOL)
+            return
+        agent_id = agent.id
+        # Another live socket of this agent (a reconnect racing an old connection) steps down.
+        await self.channel_layer.group_send(
+            agent_channel(agent_id), {"type": "agent.replaced", "by": self.channel_name}
+        )
+        self.agent_id = agent_id
+
+        await self.channel_layer.group_add(agent_channel(agent_id), self.channel_name)
+        welcome = await database_sync_to_async(selectors.welcome_frame)(
+            agent_id=agent_id,
+            re=frame.id,
+            version=max(common),
+            limits=protocol.Limits(
+                max_frame_bytes=protocol.MAX_FRAME_BYTES, rate_per_s=RATE_PER_S, burst=BURST
+            ),
+        )
+        self.lease_timeout_s = welcome.lease_timeout_s
+        await self._send(welcome)
+
+    # --- pushes from services (channel layer) ----------------------------------------------
+
+    async def attempt_offered(self, message: dict) -> None:
+        frame = await database_sync_to_async(selectors.assignment_frame)(
+            attempt_id=message["attempt_id"]
+        )
+        if frame is not None:
+            await self._send(frame)
+
+    async def attempt_cancel(self, message: dict) -> None:
+        await self._send(
+            protocol.Cancel(
+                attempt_id=message["attempt_id"],
+                epoch=message["epoch"],
+                reason=message.get("reason", ""),
+            )
+        )
+
+    async def checkpoint_resolved(self, message: dict) -> None:
+        await self._send(
+            protocol.Decision(
+                checkpoint_id=message["checkpoint_id"],
+                attempt_id=message["attempt_id"],
+                status=message["status"],
+                note=message.get("note", ""),
+            )
+        )
+
+    async def device_revoked(self, message: dict) -> None:
+        await self._error(None, "revoked", "This device was revoked.")
+        await self.close(code=protocol.CLOSE_REVOKED)
+
+    async def agent_replaced(self, message: dict) -> None:
+        if message["by"] != self.channel_name:
+            await self._error(None, "replaced", "A newer connection of this agent took over.")
+            self_agent, self.agent_id = self.agent_id, None
+            await self.channel_layer.group_discard(agent_channel(self_agent), self.channel_name)
+            await self.close(code=protocol.CLOSE_REPLACED)
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    async def _send(self, frame: protocol.Frame) -> None:
+        await self.send(text_data=frame.model_dump_json())
+
+    async def _error(self, re: str | None, code: str, message: str) -> None:
+        await self._send(protocol.Error(re=re, code=code, message=message))

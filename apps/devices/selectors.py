@@ -1,0 +1,113 @@
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db.models import QuerySet
+
+from apps.devices.models import Agent, Device
+from apps.groups.models import Group, Role
+from apps.groups.selectors import require_role
+from claw import protocol
+from claw.errors import NotFound
+
+
+def devices_for_group(*, group: Group) -> QuerySet[Device]:
+    return Device.objects.filter(group=group).order_by("name", "id")
+
+
+def device_get_for_user(
+    *, user: AbstractBaseUser | AnonymousUser, device_id: int, role: str = Role.VIEWER
+) -> Device:
+    """A device of one of the user's groups; outsiders learn nothing (not_found)."""
+    device = Device.objects.filter(id=device_id).first()
+    if device is None:
+        raise NotFound("No such device, or you are not a member of its group.")
+    require_role(user=user, group_id=device.group_id, role=role)
+    return device
+
+
+def agents_for_group(*, group: Group) -> QuerySet[Agent]:
+    return Agent.objects.filter(group=group).order_by("name", "id")
+
+
+def agent_get_for_user(
+    *, user: AbstractBaseUser | AnonymousUser, agent_id: int, role: str = Role.VIEWER
+) -> Agent:
+    agent = Agent.objects.filter(id=agent_id).first()
+    if agent is None:
+        raise NotFound("No such agent, or you are not a member of its group.")
+    require_role(user=user, group_id=agent.group_id, role=role)
+    return agent
+
+
+def assignment_frame(*, attempt_id: int) -> protocol.Assignment | None:
+    """The assignment frame for a live attempt, read from committed state (None once the
+    attempt has ended: an offer that lapsed or was cancelled is not delivered)."""
+    from apps.tasks.models import LIVE_ATTEMPT_STATUSES, Attempt
+
+    attempt = (
+        Attempt.objects.select_related("task")
+        .filter(id=attempt_id, status__in=LIVE_ATTEMPT_STATUSES)
+        .first()
+    )
+    if attempt is None:
+        return None
+    return _assignment(attempt)
+
+
+def _assignment(attempt) -> protocol.Assignment:
+    task = attempt.task
+    return protocol.Assignment(
+        attempt_id=attempt.id,
+        epoch=attempt.epoch,
+        status=attempt.status,
+        deadline=attempt.lease_expires_at.isoformat(),
+        task=protocol.TaskSpec(
+            id=task.id,
+            title=task.title,
+            instructions=task.instructions,
+            steps=task.steps,
+            required_toolkits=task.required_toolkits,
+            parent_id=task.parent_id,
+            root_id=task.root_id,
+        ),
+    )
+
+
+def welcome_frame(
+    *, agent_id: int, re: str, version: int, limits: protocol.Limits
+) -> protocol.Welcome:
+    """What the agent needs after hello: its settings, the attempts it still owns and the
+    checkpoint outcomes it has not seen yet."""
+    from apps.checkpoints.models import Checkpoint, CheckpointStatus
+    from apps.tasks.models import LIVE_ATTEMPT_STATUSES, Attempt
+
+    agent = Agent.objects.select_related("group").get(id=agent_id)
+    owned = Attempt.objects.select_related("task").filter(
+        agent_id=agent_id, status__in=LIVE_ATTEMPT_STATUSES
+    )
+    unseen = Checkpoint.objects.filter(attempt__agent_id=agent_id, delivered_at=None).exclude(
+        status=CheckpointStatus.PENDING
+    )
+    return protocol.Welcome(
+        re=re,
+        version=version,
+        agent_id=agent.id,
+        device_id=agent.device_id,
+        group=agent.group.slug,
+        heartbeat_interval_s=agent.group.heartbeat_interval_s,
+        lease_timeout_s=agent.group.lease_timeout_s,
+        limits=limits,
+        owned=[_assignment(a) for a in owned.order_by("id")],
+        decisions=[
+            protocol.Decision(
+                checkpoint_id=c.id,
+                attempt_id=c.attempt_id,
+                status=c.status,
+                note=_decision_note(c),
+            )
+            for c in unseen.order_by("id")
+        ],
+    )
+
+
+def _decision_note(checkpoint) -> str:
+    last = checkpoint.decisions.order_by("-created_at").first()
+    return last.note if last else ""

@@ -1,0 +1,210 @@
+"""/me, personal API tokens, groups and their members."""
+
+from datetime import datetime
+
+from django.http import HttpRequest
+from ninja import Field, Router, Schema, Status
+from pydantic import ConfigDict, model_validator
+
+from apps.groups.models import CheckpointPolicy, Role
+from apps.groups.selectors import (
+    api_tokens_for_user,
+    group_get_for_user,
+    group_with_role_for_user,
+    groups_with_role_for_user,
+    member_user_get,
+    members_of,
+    user_get_by_username,
+)
+from apps.groups.services import (
+    api_token_create,
+    api_token_revoke,
+    group_create,
+    group_update_policies,
+    membership_add,
+    membership_remove,
+    membership_set_role,
+)
+
+router = Router()
+
+SLUG_PATTERN = r"^[-a-zA-Z0-9_]+$"
+
+
+class InSchema(Schema):
+    """Request bodies: unknown fields are an error, not silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- me and tokens -----------------------------------------------------------------------
+
+
+class MeOut(Schema):
+    id: int
+    username: str
+    email: str
+
+
+class TokenOut(Schema):
+    id: int
+    name: str
+    prefix: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class TokenCreateIn(InSchema):
+    name: str = Field(min_length=1, max_length=100)
+
+
+class TokenCreatedOut(TokenOut):
+    token: str = Field(description="The raw token. Shown once; only its hash is stored.")
+
+
+@router.get("/me", response=MeOut)
+def me(request: HttpRequest):
+    return request.auth
+
+
+@router.get("/me/tokens", response=list[TokenOut])
+def token_list(request: HttpRequest):
+    return api_tokens_for_user(user=request.auth)
+
+
+@router.post("/me/tokens", response={201: TokenCreatedOut})
+def token_create(request: HttpRequest, payload: TokenCreateIn):
+    token, raw = api_token_create(user=request.auth, name=payload.name)
+    return Status(201, TokenCreatedOut(**TokenOut.model_validate(token).model_dump(), token=raw))
+
+
+@router.delete("/me/tokens/{int:token_id}", response={204: None})
+def token_revoke(request: HttpRequest, token_id: int):
+    api_token_revoke(user=request.auth, token_id=token_id)
+    return Status(204, None)
+
+
+# --- groups ------------------------------------------------------------------------------
+
+
+class GroupPolicies(InSchema):
+    # Defaults are None (= "leave as is"); an explicit null is rejected.
+    heartbeat_interval_s: int = Field(None, ge=1, le=600)
+    lease_timeout_s: int = Field(None, ge=2, le=3600)
+    max_attempts: int = Field(None, ge=1, le=100)
+    reconnect_grace_s: int = Field(None, ge=0, le=3600)
+    default_checkpoint_policy: CheckpointPolicy = Field(None)
+
+    def policies(self) -> dict:
+        return self.model_dump(
+            mode="json", exclude_unset=True, include=set(GroupPolicies.model_fields)
+        )
+
+
+class GroupCreateIn(GroupPolicies):
+    name: str = Field(min_length=1, max_length=100)
+    slug: str = Field(None, min_length=1, max_length=50, pattern=SLUG_PATTERN)
+
+
+class GroupUpdateIn(GroupPolicies):
+    @model_validator(mode="after")
+    def not_empty(self):
+        if not self.model_fields_set:
+            raise ValueError("Send at least one policy to change.")
+        return self
+
+
+class GroupOut(Schema):
+    id: int
+    name: str
+    slug: str
+    role: Role | None = Field(None, description="Your role in the group.")
+    heartbeat_interval_s: int
+    lease_timeout_s: int
+    max_attempts: int
+    reconnect_grace_s: int
+    default_checkpoint_policy: CheckpointPolicy
+    created_at: datetime
+
+
+@router.get("/groups", response=list[GroupOut])
+def group_list(request: HttpRequest):
+    return groups_with_role_for_user(user=request.auth)
+
+
+@router.post("/groups", response={201: GroupOut})
+def group_create_view(request: HttpRequest, payload: GroupCreateIn):
+    group = group_create(
+        user=request.auth, name=payload.name, slug=payload.slug or "", **payload.policies()
+    )
+    return Status(201, group_with_role_for_user(user=request.auth, slug=group.slug))
+
+
+@router.get("/groups/{slug}", response=GroupOut)
+def group_detail(request: HttpRequest, slug: str):
+    return group_with_role_for_user(user=request.auth, slug=slug)
+
+
+@router.patch("/groups/{slug}", response=GroupOut)
+def group_update(request: HttpRequest, slug: str, payload: GroupUpdateIn):
+    group = group_get_for_user(user=request.auth, slug=slug)
+    group_update_policies(actor=request.auth, group=group, **payload.policies())
+    return group_with_role_for_user(user=request.auth, slug=slug)
+
+
+# --- members -----------------------------------------------------------------------------
+
+
+class MemberOut(Schema):
+    user_id: int
+    username: str
+    role: Role
+    joined_at: datetime
+
+    @staticmethod
+    def resolve_username(obj) -> str:
+        return obj.user.get_username()
+
+    @staticmethod
+    def resolve_joined_at(obj) -> datetime:
+        return obj.created_at
+
+
+class MemberAddIn(InSchema):
+    username: str = Field(min_length=1, max_length=150)
+    role: Role = Role.MEMBER
+
+
+class MemberRoleIn(InSchema):
+    role: Role
+
+
+@router.get("/groups/{slug}/members", response=list[MemberOut])
+def member_list(request: HttpRequest, slug: str):
+    group = group_get_for_user(user=request.auth, slug=slug)
+    return members_of(group=group)
+
+
+@router.post("/groups/{slug}/members", response={201: MemberOut})
+def member_add(request: HttpRequest, slug: str, payload: MemberAddIn):
+    group = group_get_for_user(user=request.auth, slug=slug, role=Role.OWNER)
+    user = user_get_by_username(username=payload.username)
+    membership = membership_add(actor=request.auth, group=group, user=user, role=payload.role)
+    return Status(201, membership)
+
+
+@router.patch("/groups/{slug}/members/{int:user_id}", response=MemberOut)
+def member_set_role(request: HttpRequest, slug: str, user_id: int, payload: MemberRoleIn):
+    group = group_get_for_user(user=request.auth, slug=slug, role=Role.OWNER)
+    user = member_user_get(group=group, user_id=user_id)
+    return membership_set_role(actor=request.auth, group=group, user=user, role=payload.role)
+
+
+@router.delete("/groups/{slug}/members/{int:user_id}", response={204: None})
+def member_remove(request: HttpRequest, slug: str, user_id: int):
+    """Owners remove anyone; every member may remove themself (leave)."""
+    group = group_get_for_user(user=request.auth, slug=slug)
+    user = member_user_get(group=group, user_id=user_id)
+    membership_remove(actor=request.auth, group=group, user=user)
+    return Status(204, None)
