@@ -48,3 +48,8 @@ class NotFound(DomainError):
 class Unauthorized(DomainError):
     code = "unauthorized"
     status = 401
+
+
+class Throttled(DomainError):
+    code = "throttled"
+    status = 429

@@ -3,6 +3,7 @@ from types import SimpleNamespace
 import pytest
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core.cache import cache
 
 from apps.devices.models import Agent, AgentStatus, Device
 from apps.groups.models import Group, Membership, Role
@@ -49,6 +50,13 @@ def make_agent(group: Group, name: str, *, toolkits=None, capacity: int = 1, dev
         capacity=capacity,
         status=AgentStatus.ONLINE,
     )
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    cache.clear()
+    yield
+    cache.clear()
 
 
 @pytest.fixture

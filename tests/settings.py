@@ -13,3 +13,7 @@ PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 # Consumers run ORM calls in worker threads; persistent connections there would outlive
 # the test and block dropping the test database.
 DATABASES["default"]["CONN_MAX_AGE"] = 0  # noqa: F405
+
+# Per-process cache, cleared around every test (tests/conftest.py): throttles and other
+# cached counters must not leak between tests or test runs through a shared Redis.
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}

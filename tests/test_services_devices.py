@@ -134,3 +134,18 @@ def test_draining_agents_and_devices_is_for_owners(personas):
     assert personas.agent.status == AgentStatus.DRAINING
     device_set_draining(actor=personas.owner, device=personas.agent.device, draining=True)
     assert Device.objects.get(id=personas.agent.device_id).draining
+
+
+def test_repeated_wrong_codes_are_throttled_per_client(personas):
+    from apps.devices.services import PAIRING_FAILURES_ALLOWED
+    from claw.errors import Throttled
+
+    for _ in range(PAIRING_FAILURES_ALLOWED):
+        with pytest.raises(Unauthorized):
+            device_pair(code="ZZZZ-ZZZZ", name="guess", client="10.0.0.9")
+    _, code = pairing_code_create(actor=personas.owner, group=personas.group)
+    with pytest.raises(Throttled) as exc:
+        device_pair(code=code, name="even-a-good-code", client="10.0.0.9")
+    assert exc.value.status == 429
+    device, _ = device_pair(code=code, name="other-client", client="10.0.0.10")
+    assert device.name == "other-client"

@@ -91,7 +91,11 @@ def pairing_code_create_view(request: HttpRequest, slug: str):
 def device_pair_view(request: HttpRequest, payload: PairIn):
     """Exchange a pairing code for a device token. No sign-in: the code is the credential."""
     device, raw = device_pair(
-        code=payload.code, name=payload.name, kind=payload.kind, platform=payload.platform
+        code=payload.code,
+        name=payload.name,
+        kind=payload.kind,
+        platform=payload.platform,
+        client=request.META.get("REMOTE_ADDR", ""),
     )
     return Status(201, {"device": device, "group_id": device.group_id, "token": raw})
 

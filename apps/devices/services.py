@@ -2,6 +2,7 @@ import re
 from datetime import timedelta
 
 from django.contrib.auth.models import AbstractBaseUser
+from django.core.cache import cache
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
@@ -11,10 +12,12 @@ from apps.events.broadcast import broadcast_on_commit, device_channel
 from apps.events.services import event_append
 from apps.groups.models import Group, Role
 from apps.groups.selectors import require_role
-from claw.errors import InvalidInput, InvalidTransition, Unauthorized
+from claw.errors import InvalidInput, InvalidTransition, Throttled, Unauthorized
 from claw.tokens import new_pairing_code, new_token, normalize_pairing_code, token_hash
 
 PAIRING_CODE_TTL = timedelta(minutes=10)
+PAIRING_FAILURES_ALLOWED = 10  # per client address and window
+PAIRING_FAILURE_WINDOW_S = 600
 TOOLKIT_SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,49}$")
 
 
@@ -37,10 +40,41 @@ def pairing_code_create(*, actor: AbstractBaseUser, group: Group) -> tuple[Pairi
     return pairing, raw
 
 
+def _pairing_failures_key(client: str) -> str:
+    return f"claw:pairing-failures:{client}"
+
+
 def device_pair(
-    *, code: str, name: str, kind: str = DeviceKind.OTHER, platform: str = ""
+    *,
+    code: str,
+    name: str,
+    kind: str = DeviceKind.OTHER,
+    platform: str = "",
+    client: str = "",
 ) -> tuple[Device, str]:
-    """Exchange a one-time pairing code for a device and its token (shown once)."""
+    """Exchange a one-time pairing code for a device and its token (shown once).
+
+    Wrong, used or expired codes count against the client's address; after
+    PAIRING_FAILURES_ALLOWED failures in the window every attempt is refused, so the
+    32^8 code space cannot be guessed online.
+    """
+    failures_key = _pairing_failures_key(client)
+    if cache.get(failures_key, 0) >= PAIRING_FAILURES_ALLOWED:
+        raise Throttled(
+            "Too many failed pairing attempts from here; wait ten minutes and try again."
+        )
+    try:
+        return _device_pair(code=code, name=name, kind=kind, platform=platform)
+    except Unauthorized:
+        cache.add(failures_key, 0, timeout=PAIRING_FAILURE_WINDOW_S)
+        try:
+            cache.incr(failures_key)
+        except ValueError:  # expired between add and incr
+            cache.set(failures_key, 1, timeout=PAIRING_FAILURE_WINDOW_S)
+        raise
+
+
+def _device_pair(*, code: str, name: str, kind: str, platform: str) -> tuple[Device, str]:
     name = name.strip()
     if not name or len(name) > 100:
         raise InvalidInput("A device needs a name of 1 to 100 characters.")
