@@ -9,6 +9,7 @@ os.environ.setdefault("CLAW_CHANNEL_PREFIX", f"claw-test-{os.getpid()}")
 
 from claw.settings import *  # noqa: E402, F403
 
+os.makedirs(STATIC_ROOT, exist_ok=True)  # noqa: F405 - WhiteNoise warns when it is missing
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 # Consumers run ORM calls in worker threads; persistent connections there would outlive
 # the test and block dropping the test database.

@@ -37,11 +37,13 @@ class GroupEventsConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
         slug = self.scope["url_route"]["kwargs"]["slug"]
         self.group_id = await self._authorized_group_id(slug)
+        # Accept before closing: a refused handshake reaches a browser as a bare 1006 and it
+        # would retry forever; 4403 tells it not to.
+        await self.accept()
         if self.group_id is None:
             await self.close(code=4403)
             return
         await self.channel_layer.group_add(group_channel(self.group_id), self.channel_name)
-        await self.accept()
 
     async def disconnect(self, code: int) -> None:
         if self.group_id is not None:

@@ -1,0 +1,239 @@
+"""The `claw` command line.
+
+    claw up [--host H] [--port P] [--demo]   start the platform in the configured mode
+
+Embedded mode (no CLAW_REDIS_URL): one process, Daphne in the main thread with a Celery
+worker and beat as threads (claw.embedded). Services mode: `claw up` supervises daphne,
+`celery worker` and `celery beat` as child processes and stops all of them when one dies.
+
+Subcommands register themselves in build_parser(); each takes its parsed arguments and
+returns an exit status. Django is set up per command, so commands that run on a device
+(`claw agent`, `claw device`) need no server settings.
+"""
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SHUTDOWN_GRACE_S = 15.0
+
+
+def _setup_django() -> None:
+    # Always the server settings: an inherited DJANGO_SETTINGS_MODULE (a test run's,
+    # say) would silently change which database and broker `claw up` uses.
+    os.environ["DJANGO_SETTINGS_MODULE"] = "claw.settings"
+    import django
+
+    django.setup()
+
+
+def _migrate_if_needed() -> None:
+    from django.core.management import call_command
+    from django.db import connection
+    from django.db.migrations.executor import MigrationExecutor
+
+    executor = MigrationExecutor(connection)
+    plan = executor.migration_plan(executor.loader.graph.leaf_nodes())
+    if plan:
+        print(f"claw: applying {len(plan)} database migrations", flush=True)
+        call_command("migrate", interactive=False, verbosity=0)
+
+
+def _browser_host(host: str) -> str:
+    if host in {"0.0.0.0", "::", ""}:  # noqa: S104 - naming the wildcard, not binding it
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def _banner(*, mode: str, url: str, demo) -> str:
+    lines = ["", f"Claw is running ({mode} mode)", f"  Open:     {url}"]
+    if demo is not None:
+        lines += [
+            f"  Username: {demo.username}",
+            f"  Password: {demo.password}",
+            f"  Group:    {demo.group.name}",
+        ]
+    lines += ["Press Ctrl-C to stop.", ""]
+    return "\n".join(lines)
+
+
+def _serve_embedded(*, host: str, port: int, banner: str) -> int:
+    import asyncio
+
+    from daphne.endpoints import build_endpoint_description_strings
+    from daphne.server import Server
+    from twisted.internet import reactor, task
+
+    from claw.asgi import application
+    from claw.embedded import EmbeddedCelery, set_home_loop
+
+    celery = EmbeddedCelery()
+    crashed: list[str] = []
+
+    def watch_celery() -> None:
+        # Like services mode, where the supervisor exits when a child dies.
+        if not celery.alive():
+            crashed.append("the embedded Celery worker or beat stopped")
+            reactor.stop()
+
+    def ready() -> None:
+        # Server.run has made the reactor's asyncio loop current; it is about to run it.
+        set_home_loop(asyncio.get_event_loop())
+        task.LoopingCall(watch_celery).start(2.0, now=False)
+        print(banner, flush=True)
+
+    server = Server(
+        application=application,
+        endpoints=build_endpoint_description_strings(host=host, port=port),
+        signal_handlers=True,  # SIGINT/SIGTERM stop the reactor; run() then returns
+        ready_callable=ready,
+    )
+    try:
+        celery.start()
+        server.run()
+    finally:
+        set_home_loop(None)
+        print("claw: stopping the embedded worker and beat", flush=True)
+        celery.stop()
+    if crashed:
+        print(f"claw: {crashed[0]}; stopping", file=sys.stderr)
+        return 1
+    if not server.listening_addresses:
+        print(f"claw: could not listen on {host}:{port}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _service_commands(*, host: str, port: int, concurrency: int) -> dict[str, list[str]]:
+    python = sys.executable
+    celery = [python, "-m", "celery", "-A", "claw"]
+    return {
+        "web": [python, "-m", "daphne", "-b", host, "-p", str(port), "claw.asgi:application"],
+        "worker": [*celery, "worker", "--loglevel", "INFO", "--concurrency", str(concurrency)],
+        "beat": [*celery, "beat", "--loglevel", "INFO"],
+    }
+
+
+def _supervise(commands: dict[str, list[str]], *, banner: str) -> int:
+    """Run the children until a signal arrives or one of them exits; then stop them all."""
+    stop_signal: list[int] = []
+
+    def on_signal(signum, frame) -> None:
+        stop_signal.append(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "claw.settings"}
+    children: dict[str, subprocess.Popen] = {}
+    status = 0
+    try:
+        for name, command in commands.items():
+            children[name] = subprocess.Popen(command, env=env)  # noqa: S603
+        print(banner, flush=True)
+        while not stop_signal:
+            dead = [(name, p.returncode) for name, p in children.items() if p.poll() is not None]
+            if dead:
+                name, code = dead[0]
+                print(f"claw: {name} exited with status {code}; stopping", file=sys.stderr)
+                status = 1
+                break
+            time.sleep(0.2)
+    finally:
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        for name, child in children.items():
+            try:
+                child.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"claw: {name} did not stop in time; killing it", file=sys.stderr)
+                child.kill()
+                child.wait()
+    return status
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from django.core.exceptions import ImproperlyConfigured
+
+    try:
+        _setup_django()
+    except ImproperlyConfigured as exc:
+        print(f"claw: configuration error: {exc}", file=sys.stderr)
+        return 2
+    from django.conf import settings
+    from django.db import OperationalError
+
+    if args.demo and settings.PRODUCTION:
+        print(
+            "claw: --demo prints a password; it is refused when CLAW_PRODUCTION=1", file=sys.stderr
+        )
+        return 2
+    Path(settings.DATA_DIR).mkdir(parents=True, exist_ok=True)
+    try:
+        _migrate_if_needed()
+        demo = None
+        if args.demo:
+            from claw.demo import demo_ensure
+
+            demo = demo_ensure()
+    except OperationalError as exc:
+        print(f"claw: the database is not reachable: {exc}", file=sys.stderr)
+        return 1
+    url = f"http://{_browser_host(args.host)}:{args.port}/"
+    if settings.EMBEDDED:
+        banner = _banner(mode="embedded", url=url, demo=demo)
+        return _serve_embedded(host=args.host, port=args.port, banner=banner)
+    banner = _banner(mode="services", url=url, demo=demo)
+    commands = _service_commands(host=args.host, port=args.port, concurrency=args.concurrency)
+    return _supervise(commands, banner=banner)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="claw", description="Claw: groups of humans and AI agents on shared task graphs."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    up = commands.add_parser(
+        "up",
+        help="start the platform (embedded, or services mode when CLAW_REDIS_URL is set)",
+        description="Migrate the database if needed, then serve the web app with a Celery "
+        "worker and beat: in this process (embedded) or as supervised child processes.",
+    )
+    up.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    up.add_argument("--port", type=int, default=8000, help="port to serve on (default 8000)")
+    up.add_argument(
+        "--demo", action="store_true", help="create a demo user and group; print the login"
+    )
+    up.add_argument(
+        "--concurrency",
+        type=int,
+        default=2,
+        help="Celery worker concurrency in services mode (default 2)",
+    )
+    up.set_defaults(func=cmd_up)
+
+    # `claw device …` and `claw agent …` add their subparsers here.
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C before the server took over the signals
+        print("claw: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
