@@ -208,3 +208,12 @@ def test_dockerfile_builds_the_app_with_static_files():
     assert "\nUSER " in dockerfile
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", "var", ".git"} <= set(ignored)
+
+
+def test_django_processes_enqueue_on_claws_celery_app():
+    from celery import current_app
+
+    from apps.events.tasks import beat_tick
+
+    assert current_app.main == "claw"
+    assert beat_tick.app.main == "claw"
