@@ -18,3 +18,7 @@ DATABASES["default"]["CONN_MAX_AGE"] = 0  # noqa: F405
 # Per-process cache, cleared around every test (tests/conftest.py): throttles and other
 # cached counters must not leak between tests or test runs through a shared Redis.
 CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+# In-process tests feed no real broker: nothing consumes there, and work enqueued on commit
+# (matching) must not pile up in Redis. The live-server tests run Celery on Redis for real.
+CELERY_BROKER_URL = "memory://localhost/"

@@ -236,9 +236,11 @@ def agent_connection_opened(*, device_id: int, info, connection: str) -> Agent:
         client_version=info.client_version,
         connection=connection,
     )
-    from apps.tasks.services import refresh_agent_load
+    from apps.tasks.services import refresh_agent_load, request_matching
 
-    refresh_agent_load(agent.id)
+    with transaction.atomic():
+        refresh_agent_load(agent.id)
+        request_matching(agent.group_id)
     agent.refresh_from_db()
     return agent
 

@@ -6,6 +6,9 @@ class EventsConfig(AppConfig):
     label = "events"
 
     def ready(self) -> None:
-        # Every Django process (web, worker, beat, commands) gets the configured Celery app
-        # as the current one, so shared tasks enqueue on Claw's broker, never on a default.
+        # Every Django process (web, worker, beat, commands) gets Claw's Celery app as the
+        # current one with all its tasks registered, so work enqueued anywhere goes to
+        # Claw's broker by name, never to a default app.
+        import apps.events.tasks  # noqa: F401
+        import apps.tasks.tasks  # noqa: F401
         import claw.celery  # noqa: F401

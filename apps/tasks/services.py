@@ -160,6 +160,8 @@ def task_create(
             actor_id=actor.pk if actor and not agent else None,
             payload={"title": title, "status": task.status, "depends_on": dep_ids},
         )
+        if task.status == TaskStatus.READY:
+            request_matching(group.id)
     return task
 
 
@@ -214,6 +216,14 @@ def task_dependency_add(*, actor: AbstractBaseUser, task: Task, depends_on: Task
             actor_id=actor.pk,
             payload={"depends_on": depends_on.id, "status": new_status},
         )
+
+
+def request_matching(group_id: int) -> None:
+    """Ask a worker to match the group's ready tasks once this transaction commits (the
+    periodic sweep catches anything a lost message misses)."""
+    from apps.tasks.tasks import match_group
+
+    transaction.on_commit(lambda: match_group.delay(group_id), robust=True)
 
 
 def _descendant_ids(task_id: int) -> list[int]:
@@ -321,6 +331,8 @@ def task_cancel(*, actor: AbstractBaseUser, task: Task, reason: str = "") -> lis
             refresh_agent_load(attempt["agent_id"])
         _append_status_events(task.group_id, cancelled, TaskStatus.CANCELLED, reason=reason)
         _append_status_events(task.group_id, blocked, TaskStatus.BLOCKED)
+        if live:
+            request_matching(task.group_id)  # their agents have capacity again
         for attempt in live:
             broadcast_on_commit(
                 agent_channel(attempt["agent_id"]),
@@ -368,6 +380,8 @@ def task_retry(*, actor: AbstractBaseUser, task: Task) -> Task:
             payload={"status": new_status, "from": current.status},
         )
         _append_status_events(task.group_id, unblocked, TaskStatus.WAITING)
+        if new_status == TaskStatus.READY:
+            request_matching(task.group_id)
     current.refresh_from_db()
     return current
 
@@ -540,6 +554,7 @@ def attempt_decline(*, attempt_id: int, agent: Agent, epoch: int, reason: str) -
             agent_id=agent.id,
             payload={"status": TaskStatus.READY, "reason": reason[:1000]},
         )
+        request_matching(attempt.task.group_id)
 
 
 def attempt_complete(*, attempt_id: int, agent: Agent, epoch: int, result: Any) -> Attempt:
@@ -570,6 +585,7 @@ def attempt_complete(*, attempt_id: int, agent: Agent, epoch: int, result: Any) 
             payload={"status": TaskStatus.SUCCEEDED, "epoch": epoch},
         )
         _append_status_events(group_id, released, TaskStatus.READY)
+        request_matching(group_id)  # released dependents, and the agent's freed capacity
     attempt.refresh_from_db()
     return attempt
 
@@ -616,6 +632,7 @@ def _end_attempt(
         payload={"status": next_status, "reason": reason[:2000], "retryable": retryable},
     )
     _append_status_events(task.group_id, blocked, TaskStatus.BLOCKED)
+    request_matching(task.group_id)
     return next_status
 
 

@@ -1,0 +1,153 @@
+from datetime import timedelta
+
+import pytest
+import time_machine
+from django.utils import timezone
+
+from apps.devices.models import AgentStatus
+from apps.tasks.matching import attempts_sweep_expired, tasks_match
+from apps.tasks.models import Attempt, Task, TaskStatus
+from apps.tasks.services import (
+    attempt_accept,
+    attempt_decline,
+    attempt_lose,
+    task_assign,
+    task_cancel,
+    task_create,
+)
+from tests.conftest import make_agent
+
+
+def create(personas, title="t", **kwargs):
+    return task_create(group=personas.group, actor=personas.member, title=title, **kwargs)
+
+
+def offers(personas) -> dict[int, int]:
+    """task id -> agent id of every live attempt in the group."""
+    return dict(
+        Attempt.objects.filter(
+            task__group=personas.group, status__in=["offered", "running"]
+        ).values_list("task_id", "agent_id")
+    )
+
+
+def test_it_assigns_ready_tasks_to_agents_that_cover_their_toolkits(personas):
+    browser = make_agent(personas.group, "surfer", toolkits={"browser": "1"})
+    web = create(personas, "browse", required_toolkits=["browser"])
+    shell = create(personas, "script", required_toolkits=["shell"])
+    tasks_match(group_id=personas.group.id)
+    assert offers(personas) == {web.id: browser.id, shell.id: personas.agent.id}
+
+
+def test_it_never_exceeds_an_agents_capacity(personas):
+    for i in range(3):
+        create(personas, f"t{i}")
+    tasks_match(group_id=personas.group.id)
+    assert list(offers(personas).values()) == [personas.agent.id]  # capacity 1
+    assert Task.objects.filter(status=TaskStatus.READY).count() == 2
+
+
+def test_higher_priority_then_older_tasks_go_first(personas):
+    old = create(personas, "old")
+    create(personas, "new")
+    urgent = create(personas, "urgent", priority=10)
+    tasks_match(group_id=personas.group.id)
+    assert list(offers(personas)) == [urgent.id]
+    task_cancel(actor=personas.member, task=urgent)
+    tasks_match(group_id=personas.group.id)
+    assert old.id in offers(personas)
+
+
+def test_agents_with_a_better_track_record_are_preferred(personas):
+    veteran = make_agent(personas.group, "veteran")
+    veteran.succeeded_count = 20
+    veteran.save()
+    task = create(personas)
+    tasks_match(group_id=personas.group.id)
+    assert offers(personas) == {task.id: veteran.id}
+    choice = Attempt.objects.get(task=task).choice
+    assert choice["chosen"] == veteran.id
+    assert [c["agent_id"] for c in choice["candidates"]] == [veteran.id, personas.agent.id]
+    assert "track record" in choice["reason"]
+
+
+def test_a_retry_prefers_another_device(personas):
+    other = make_agent(personas.group, "elsewhere")
+    personas.agent.succeeded_count = 50  # better record, but its device just lost the task
+    personas.agent.save()
+    task = create(personas)
+    attempt = task_assign(task_id=task.id, agent_id=personas.agent.id)
+    attempt_lose(attempt_id=attempt.id, reason="lease expired")
+    tasks_match(group_id=personas.group.id)
+    assert offers(personas) == {task.id: other.id}
+    assert "another device" in Attempt.objects.get(task=task, epoch=2).choice["reason"]
+
+
+def test_the_failed_device_is_used_when_it_is_the_only_capable_one(personas):
+    task = create(personas)
+    attempt = task_assign(task_id=task.id, agent_id=personas.agent.id)
+    attempt_lose(attempt_id=attempt.id, reason="lease expired")
+    tasks_match(group_id=personas.group.id)
+    assert offers(personas) == {task.id: personas.agent.id}
+
+
+def test_an_agent_that_declined_is_left_out_for_a_while(personas):
+    other = make_agent(personas.group, "other")
+    other.failed_count = 10  # would normally lose to personas.agent
+    other.save()
+    task = create(personas)
+    attempt = task_assign(task_id=task.id, agent_id=personas.agent.id)
+    attempt_decline(attempt_id=attempt.id, agent=personas.agent, epoch=1, reason="busy")
+    tasks_match(group_id=personas.group.id)
+    assert offers(personas) == {task.id: other.id}
+
+
+def test_draining_offline_and_foreign_agents_get_nothing(personas):
+    personas.agent.status = AgentStatus.DRAINING
+    personas.agent.save()
+    gone = make_agent(personas.group, "gone")
+    gone.status = AgentStatus.OFFLINE
+    gone.save()
+    create(personas)
+    assert tasks_match(group_id=personas.group.id) == []
+    assert tasks_match(group_id=personas.other_group.id) == []
+
+
+def test_waiting_tasks_are_not_matched_until_their_dependencies_succeed(personas):
+    first = create(personas, "first")
+    create(personas, "second", depends_on=[first.id])
+    tasks_match(group_id=personas.group.id)
+    assert list(offers(personas)) == [first.id]
+
+
+def test_the_sweeper_declares_expired_leases_lost_and_the_task_ready_again(personas):
+    task = create(personas)
+    attempt = task_assign(task_id=task.id, agent_id=personas.agent.id)
+    attempt_accept(attempt_id=attempt.id, agent=personas.agent, epoch=1)
+    assert attempts_sweep_expired() == 0
+    with time_machine.travel(timezone.now() + timedelta(seconds=31)):
+        assert attempts_sweep_expired() == 1
+        assert attempts_sweep_expired() == 0
+    attempt.refresh_from_db()
+    assert (attempt.status, attempt.failure_reason) == ("lost", "lease expired")
+    assert Task.objects.get(id=task.id).status == TaskStatus.READY
+
+
+def test_an_offer_that_is_never_accepted_lapses(personas):
+    task = create(personas)
+    attempt = task_assign(task_id=task.id, agent_id=personas.agent.id)
+    with time_machine.travel(timezone.now() + timedelta(seconds=31)):
+        attempts_sweep_expired()
+    attempt.refresh_from_db()
+    assert (attempt.status, attempt.failure_reason) == ("lost", "offer not accepted in time")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_matching_is_requested_after_commit_when_work_becomes_ready(personas, monkeypatch):
+    requested = []
+    monkeypatch.setattr("apps.tasks.tasks.match_group.delay", requested.append)
+    task = create(personas)
+    assert requested == [personas.group.id]
+    attempt = task_assign(task_id=task.id, agent_id=personas.agent.id)
+    attempt_decline(attempt_id=attempt.id, agent=personas.agent, epoch=1, reason="busy")
+    assert requested == [personas.group.id] * 2
