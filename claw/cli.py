@@ -218,7 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     up.set_defaults(func=cmd_up)
 
-    # `claw device …` and `claw agent …` add their subparsers here.
+    from claw.device.cli import add_commands as add_device_commands
+
+    add_device_commands(commands)  # `claw device pair`, `claw agent run`
     return parser
 
 

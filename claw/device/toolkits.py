@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import importlib.metadata
 import json
 import logging
@@ -101,10 +102,10 @@ def _timeout(args: dict, default: float, maximum: float) -> float:
     return float(value)
 
 
-def _string(args: dict, name: str, *, required: bool = True, default: str = "") -> str:
-    value = args.get(name, None if required else default)
+def _string(args: dict, name: str, *, required: bool = True) -> str:
+    value = args.get(name, None if required else "")
     if not isinstance(value, str) or (required and not value):
-        raise ToolError(f"{name} must be a non-empty string." if required else f"{name}: text")
+        raise ToolError(f"{name} must be a non-empty string." if required else f"{name}: a string")
     return value
 
 
@@ -134,6 +135,28 @@ class _Capped:
         return self.data.decode("utf-8", errors="replace")
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """On Linux, a child that gets SIGKILL when the agent dies (even by kill -9), so a
+    resumed attempt never runs next to the old copy of its step."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def set_parent_death_signal() -> None:  # runs in the child, between fork and exec
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the agent died before prctl took effect
+            os._exit(1)
+
+    return set_parent_death_signal
+
+
+PR_SET_PDEATHSIG = 1
+
+
 def _kill_group(proc: asyncio.subprocess.Process) -> None:
     if proc.returncode is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -150,7 +173,8 @@ async def run_process(
     check: bool = True,
 ) -> dict[str, Any]:
     """Run a command in its own process group with a timeout (then the whole group is
-    killed) and stdout/stderr each capped at `cap` bytes."""
+    killed) and stdout/stderr each capped at `cap` bytes. The command is killed when the
+    attempt is stopped, and (on Linux) when the agent process dies."""
     started = time.monotonic()
     proc = await asyncio.create_subprocess_exec(
         *argv,
@@ -160,6 +184,7 @@ async def run_process(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
+        preexec_fn=_die_with_parent(),  # one prctl call between fork and exec
     )
     out, err = _Capped(cap), _Capped(cap)
 
@@ -449,9 +474,15 @@ def _check_url(url: object) -> str:
 
 
 class _SchemeCheckingRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        _check_url(newurl)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+    """Redirects are followed to http(s) URLs only, with the same clear error."""
+
+    def http_error_302(self, req, fp, code, msg, headers):
+        target = headers.get("location") or headers.get("uri")
+        if target:
+            _check_url(urllib.parse.urljoin(req.full_url, target))
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 class HttpToolkit(Toolkit):
@@ -531,7 +562,9 @@ class HttpToolkit(Toolkit):
         except urllib.error.HTTPError as exc:
             output = self._result(exc, exc.code, limit)
             transient = exc.code in (408, 425, 429) or exc.code >= 500
-            raise ToolError(f"HTTP {exc.code} from {url}", retryable=transient, output=output)
+            raise ToolError(
+                f"HTTP {exc.code} from {url}", retryable=transient, output=output
+            ) from None
         except TimeoutError:
             raise ToolError(f"{url} did not answer within {timeout:g} s", retryable=True) from None
         except urllib.error.URLError as exc:
@@ -574,7 +607,9 @@ def available_toolkits() -> dict[str, Any]:
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if entry.name in BUILTINS:
             if not entry.value.startswith("claw.device."):
-                logger.warning("ignoring plug-in %s for built-in toolkit %s", entry.value, entry.name)
+                logger.warning(
+                    "ignoring plug-in %s for built-in toolkit %s", entry.value, entry.name
+                )
             continue
         found.setdefault(entry.name, entry)
     return found
@@ -583,9 +618,7 @@ def available_toolkits() -> dict[str, Any]:
 def _instantiate(slug: str, source: Any) -> Toolkit:
     obj = source.load() if isinstance(source, importlib.metadata.EntryPoint) else source
     toolkit = obj() if isinstance(obj, type) or (callable(obj) and not hasattr(obj, "run")) else obj
-    missing = [
-        attr for attr in ("slug", "version", "schemas", "run") if not hasattr(toolkit, attr)
-    ]
+    missing = [attr for attr in ("slug", "version", "schemas", "run") if not hasattr(toolkit, attr)]
     if missing:
         raise ToolkitNotFound(f"Toolkit {slug!r} lacks {', '.join(missing)}.")
     if toolkit.slug != slug:
