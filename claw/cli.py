@@ -61,12 +61,12 @@ def _banner(*, mode: str, url: str, demo) -> str:
     return "\n".join(lines)
 
 
-def _serve_embedded(*, host: str, port: int, banner: str) -> int:
+def _serve_embedded(*, host: str, port: int, banner: str, on_ready=None, before_stop=None) -> int:
     import asyncio
 
     from daphne.endpoints import build_endpoint_description_strings
     from daphne.server import Server
-    from twisted.internet import reactor, task
+    from twisted.internet import reactor, task, threads
 
     from claw.asgi import application
     from claw.embedded import EmbeddedCelery, set_home_loop
@@ -85,6 +85,13 @@ def _serve_embedded(*, host: str, port: int, banner: str) -> int:
         set_home_loop(asyncio.get_event_loop())
         task.LoopingCall(watch_celery).start(2.0, now=False)
         print(banner, flush=True)
+        if on_ready is not None:
+            on_ready()
+        if before_stop is not None:
+            # While the server still listens, so what it stops can say goodbye to it.
+            reactor.addSystemEventTrigger(
+                "before", "shutdown", lambda: threads.deferToThread(before_stop)
+            )
 
     server = Server(
         application=application,
@@ -118,7 +125,9 @@ def _service_commands(*, host: str, port: int, concurrency: int) -> dict[str, li
     }
 
 
-def _supervise(commands: dict[str, list[str]], *, banner: str) -> int:
+def _supervise(
+    commands: dict[str, list[str]], *, banner: str, on_ready=None, before_stop=None
+) -> int:
     """Run the children until a signal arrives or one of them exits; then stop them all."""
     stop_signal: list[int] = []
 
@@ -134,6 +143,8 @@ def _supervise(commands: dict[str, list[str]], *, banner: str) -> int:
         for name, command in commands.items():
             children[name] = subprocess.Popen(command, env=env)  # noqa: S603
         print(banner, flush=True)
+        if on_ready is not None:
+            on_ready()
         while not stop_signal:
             dead = [(name, p.returncode) for name, p in children.items() if p.poll() is not None]
             if dead:
@@ -143,6 +154,8 @@ def _supervise(commands: dict[str, list[str]], *, banner: str) -> int:
                 break
             time.sleep(0.2)
     finally:
+        if before_stop is not None:
+            before_stop()
         for child in children.values():
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
@@ -174,23 +187,36 @@ def cmd_up(args: argparse.Namespace) -> int:
         )
         return 2
     Path(settings.DATA_DIR).mkdir(parents=True, exist_ok=True)
+    url = f"http://{_browser_host(args.host)}:{args.port}/"
     try:
         _migrate_if_needed()
-        demo = None
+        demo = agents = None
         if args.demo:
-            from claw.demo import demo_ensure
+            from claw.demo import DemoAgents, demo_ensure
 
-            demo = demo_ensure()
+            demo = demo_ensure(server_url=url)
+            agents = DemoAgents(demo, server_url=url)
     except OperationalError as exc:
         print(f"claw: the database is not reachable: {exc}", file=sys.stderr)
         return 1
-    url = f"http://{_browser_host(args.host)}:{args.port}/"
-    if settings.EMBEDDED:
-        banner = _banner(mode="embedded", url=url, demo=demo)
-        return _serve_embedded(host=args.host, port=args.port, banner=banner)
-    banner = _banner(mode="services", url=url, demo=demo)
-    commands = _service_commands(host=args.host, port=args.port, concurrency=args.concurrency)
-    return _supervise(commands, banner=banner)
+    on_ready = agents.start if agents else None
+    before_stop = agents.stop if agents else None
+    try:
+        if settings.EMBEDDED:
+            banner = _banner(mode="embedded", url=url, demo=demo)
+            return _serve_embedded(
+                host=args.host,
+                port=args.port,
+                banner=banner,
+                on_ready=on_ready,
+                before_stop=before_stop,
+            )
+        banner = _banner(mode="services", url=url, demo=demo)
+        commands = _service_commands(host=args.host, port=args.port, concurrency=args.concurrency)
+        return _supervise(commands, banner=banner, on_ready=on_ready, before_stop=before_stop)
+    finally:
+        if agents is not None:
+            agents.stop()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,7 @@
 children on real PostgreSQL and Redis. Each test starts real servers on free ports."""
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -78,6 +79,19 @@ def test_embedded_mode_serves_runs_worker_and_beat_and_stops_on_sigterm(embedded
         status, script, _ = browser.get("/static/vendor/htmx-2.0.4.min.js")
         assert status == 200 and "htmx" in script
 
+        # Three demo agents (separate processes, three paired devices) run the demo graph:
+        # the matcher on the embedded worker assigns each task to the agent whose toolkits
+        # cover it, and the report waits for the other two.
+        claw.wait_for(r"demo complete", timeout=60)
+        status, body, _ = browser.get("/api/v1/groups/demo/tasks?limit=200")
+        tasks = json.loads(body)["items"]
+        assert status == 200 and len(tasks) >= 3
+        assert {t["status"] for t in tasks[:3]} == {"succeeded"}
+        status, body, _ = browser.get("/api/v1/groups/demo/agents")
+        agents = {a["name"]: a for a in json.loads(body)}
+        assert set(agents) == {"demo-laptop-agent", "demo-cloud-agent", "demo-phone-agent"}
+        assert sum(a["succeeded_count"] for a in agents.values()) >= 3
+
         seconds = claw.terminate(timeout=10)
         assert claw.popen.returncode == 0, claw.output()
         assert seconds < 8, f"took {seconds:.1f}s to stop"
@@ -148,11 +162,15 @@ def test_services_mode_supervises_daphne_worker_and_beat(services_env):
         assert body["components"]["channel_layer"]["backend"] == "RedisChannelLayer"
         assert body["components"]["broker"]["transport"] == "redis"
         children = _children_of(claw.popen.pid)
-        assert len(children) == 3, children
+        agents = [command for command in children.values() if "claw.device" in command]
+        assert len(children) == 6 and len(agents) == 3, children  # web, worker, beat + 3
 
         browser = Browser(base)
         browser.sign_in("demo", password)
         assert "Demo group" in browser.get("/")[1]
+        # The whole services path: matching on the Celery worker via Redis, offers pushed
+        # through the Redis channel layer to agents connected to Daphne.
+        claw.wait_for(r"demo complete", timeout=60)
 
         claw.terminate(timeout=25)
         assert claw.popen.returncode == 0, claw.output()

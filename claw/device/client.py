@@ -297,9 +297,11 @@ class AgentClient:
                     message="the agent is shutting down",
                 )
             answers.append(self._quiet(frame))
-        # What is still unanswered (the fails, the drain) gets a few seconds to go through.
+        # What is still unanswered (the fails, the drain) gets a few seconds to go through;
+        # an idle agent's drain is a courtesy (its socket closing says the same), so it
+        # does not hold up the exit when the server is already gone.
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(10 if leftovers else 1):
                 await asyncio.gather(*answers)
                 while len(self.outbox) and not connection.done():
                     await asyncio.sleep(0.05)
