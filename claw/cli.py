@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from claw.protocol import MAX_FRAME_BYTES
+
 SHUTDOWN_GRACE_S = 15.0
 
 
@@ -97,6 +99,7 @@ def _serve_embedded(*, host: str, port: int, banner: str, on_ready=None, before_
         application=application,
         endpoints=build_endpoint_description_strings(host=host, port=port),
         signal_handlers=True,  # SIGINT/SIGTERM stop the reactor; run() then returns
+        websocket_max_message_size=MAX_FRAME_BYTES,
         ready_callable=ready,
     )
     try:
@@ -118,8 +121,10 @@ def _serve_embedded(*, host: str, port: int, banner: str, on_ready=None, before_
 def _service_commands(*, host: str, port: int, concurrency: int) -> dict[str, list[str]]:
     python = sys.executable
     celery = [python, "-m", "celery", "-A", "claw"]
+    daphne_limits = ["--websocket-max-message-size", str(MAX_FRAME_BYTES)]
+    asgi = "claw.asgi:application"
     return {
-        "web": [python, "-m", "daphne", "-b", host, "-p", str(port), "claw.asgi:application"],
+        "web": [python, "-m", "daphne", "-b", host, "-p", str(port), *daphne_limits, asgi],
         "worker": [*celery, "worker", "--loglevel", "INFO", "--concurrency", str(concurrency)],
         "beat": [*celery, "beat", "--loglevel", "INFO"],
     }

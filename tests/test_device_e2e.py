@@ -257,6 +257,11 @@ def test_an_agent_runs_explicit_steps_and_declines_tasks_without_steps(server, t
     assert progress[1]["payload"]["args"] == {"cmd": "wc -c < notes/hello.txt"}
     assert "no model runtime yet" in declined["attempts"][0]["failure_reason"]
 
+    # The device token is a secret: neither the agent nor the server ever logs it.
+    token = json.loads(config.read_text())["token"]
+    logs = proc.lines + [line for server_proc in server.procs for line in server_proc.lines]
+    assert logs and not any(token in line or token[6:] in line for line in logs)
+
 
 def test_an_agent_killed_mid_attempt_resumes_what_it_still_owns(server, tmp_path):
     config = tmp_path / "device.json"
