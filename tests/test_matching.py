@@ -5,7 +5,8 @@ import time_machine
 from django.utils import timezone
 
 from apps.devices.models import AgentStatus
-from apps.tasks.matching import attempts_sweep_expired, tasks_match
+from apps.tasks.failover import attempts_sweep_expired
+from apps.tasks.matching import tasks_match
 from apps.tasks.models import Attempt, Task, TaskStatus
 from apps.tasks.services import (
     attempt_accept,
@@ -78,7 +79,8 @@ def test_a_retry_prefers_another_device(personas):
     task = create(personas)
     attempt = task_assign(task_id=task.id, agent_id=personas.agent.id)
     attempt_lose(attempt_id=attempt.id, reason="lease expired")
-    tasks_match(group_id=personas.group.id)
+    with time_machine.travel(timezone.now() + timedelta(seconds=2)):  # past the backoff
+        tasks_match(group_id=personas.group.id)
     assert offers(personas) == {task.id: other.id}
     assert "another device" in Attempt.objects.get(task=task, epoch=2).choice["reason"]
 
@@ -87,7 +89,8 @@ def test_the_failed_device_is_used_when_it_is_the_only_capable_one(personas):
     task = create(personas)
     attempt = task_assign(task_id=task.id, agent_id=personas.agent.id)
     attempt_lose(attempt_id=attempt.id, reason="lease expired")
-    tasks_match(group_id=personas.group.id)
+    with time_machine.travel(timezone.now() + timedelta(seconds=2)):
+        tasks_match(group_id=personas.group.id)
     assert offers(personas) == {task.id: personas.agent.id}
 
 

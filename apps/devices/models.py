@@ -89,13 +89,19 @@ class Agent(models.Model):
     disconnected_at = models.DateTimeField(null=True, blank=True)
     succeeded_count = models.PositiveIntegerField(default=0)
     failed_count = models.PositiveIntegerField(default=0)
+    # Track record per toolkit: {"shell": [succeeded, failed], ...}, counted for every
+    # toolkit a finished task required.
+    toolkit_stats = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         constraints = [
             models.UniqueConstraint(fields=["device", "name"], name="agent_unique_name_per_device")
         ]
-        indexes = [models.Index(fields=["group", "status"])]
+        indexes = [
+            models.Index(fields=["group", "status"]),
+            models.Index(fields=["status", "last_heartbeat_at"]),
+        ]
 
     def __str__(self) -> str:
         return f"{self.name}@{self.device_id}"
@@ -104,6 +110,16 @@ class Agent(models.Model):
     def success_rate(self) -> float:
         # Laplace-smoothed, so a new agent starts at 0.5 rather than 0 or 1.
         return (self.succeeded_count + 1) / (self.succeeded_count + self.failed_count + 2)
+
+    def success_rate_for(self, toolkits: list[str]) -> float:
+        """Smoothed success rate on tasks needing these toolkits, where the agent has a
+        record with them; its overall rate otherwise."""
+        known = [self.toolkit_stats[slug] for slug in toolkits if slug in self.toolkit_stats]
+        if not known:
+            return self.success_rate
+        succeeded = sum(s for s, _ in known)
+        failed = sum(f for _, f in known)
+        return (succeeded + 1) / (succeeded + failed + 2)
 
 
 class AgentMessage(models.Model):

@@ -297,6 +297,14 @@ def agent_set_draining(*, actor: AbstractBaseUser, agent: Agent, draining: bool)
     return agent
 
 
-def agent_record_outcome(*, agent_id: int, succeeded: bool) -> None:
+def agent_record_outcome(*, agent_id: int, succeeded: bool, toolkits: list[str]) -> None:
+    """Count a finished attempt in the agent's track record, overall and per toolkit."""
     field = "succeeded_count" if succeeded else "failed_count"
-    Agent.objects.filter(id=agent_id).update(**{field: F(field) + 1})
+    agent = Agent.objects.select_for_update().filter(id=agent_id).only("toolkit_stats").first()
+    if agent is None:
+        return
+    stats = dict(agent.toolkit_stats)
+    for slug in toolkits:
+        succeeded_n, failed_n = stats.get(slug, [0, 0])
+        stats[slug] = [succeeded_n + succeeded, failed_n + (not succeeded)]
+    Agent.objects.filter(id=agent_id).update(**{field: F(field) + 1}, toolkit_stats=stats)

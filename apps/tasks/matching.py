@@ -1,4 +1,5 @@
-"""Matching ready tasks to agents, and the lease sweeper.
+"""Matching ready tasks to agents (the sweepers that return work to the pool are in
+apps/tasks/failover.py).
 
 `tasks_match` reads the ready queue and the available agents, ranks candidates, and claims
 each task with `task_assign` (a compare-and-set on the task, a row lock on the agent), so
@@ -13,7 +14,7 @@ from django.utils import timezone
 
 from apps.devices.models import Agent, AgentStatus
 from apps.tasks.models import LIVE_ATTEMPT_STATUSES, Attempt, AttemptStatus, Task, TaskStatus
-from apps.tasks.services import attempt_lose, task_assign
+from apps.tasks.services import task_assign
 from claw.errors import DomainError
 
 DECLINE_EXCLUSION = timedelta(seconds=60)
@@ -68,14 +69,17 @@ def _recent_decliners(task_ids: list[int]) -> set[tuple[int, int]]:
     )
 
 
-def _rank(candidates: list[Candidate], avoid_devices: set[int]) -> list[tuple[tuple, Candidate]]:
-    """Best first: another device than earlier failures, then track record, then load."""
+def _rank(
+    candidates: list[Candidate], avoid_devices: set[int], toolkits: list[str]
+) -> list[tuple[tuple, Candidate]]:
+    """Best first: another device than earlier failures, then track record (with the
+    task's toolkits where known), then load."""
     return sorted(
         (
             (
                 (
                     c.agent.device_id in avoid_devices,
-                    -round(c.agent.success_rate, 3),
+                    -round(c.agent.success_rate_for(toolkits), 3),
                     round(c.load, 3),
                     c.agent.id,
                 ),
@@ -87,7 +91,9 @@ def _rank(candidates: list[Candidate], avoid_devices: set[int]) -> list[tuple[tu
     )
 
 
-def _choice(ranked: list[tuple[tuple, Candidate]], avoid_devices: set[int]) -> dict:
+def _choice(
+    ranked: list[tuple[tuple, Candidate]], avoid_devices: set[int], toolkits: list[str]
+) -> dict:
     best = ranked[0][1]
     reasons = []
     if avoid_devices:
@@ -104,7 +110,7 @@ def _choice(ranked: list[tuple[tuple, Candidate]], avoid_devices: set[int]) -> d
                 "agent_id": c.agent.id,
                 "name": c.agent.name,
                 "device_id": c.agent.device_id,
-                "success_rate": round(c.agent.success_rate, 3),
+                "success_rate": round(c.agent.success_rate_for(toolkits), 3),
                 "load": round(c.load, 3),
                 "avoided_device": c.agent.device_id in avoid_devices,
             }
@@ -119,10 +125,11 @@ def tasks_match(*, group_id: int, limit: int = 200) -> list[int]:
     candidates = _available_agents(group_id)
     if not candidates:
         return []
+    now = timezone.now()
     ready = list(
-        Task.objects.filter(group_id=group_id, status=TaskStatus.READY).order_by(
-            "-priority", "created_at", "id"
-        )[:limit]
+        Task.objects.filter(group_id=group_id, status=TaskStatus.READY)
+        .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
+        .order_by("-priority", "created_at", "id")[:limit]
     )
     task_ids = [t.id for t in ready]
     failed_devices = _failed_devices(task_ids)
@@ -139,11 +146,13 @@ def tasks_match(*, group_id: int, limit: int = 200) -> list[int]:
         if not capable:
             continue
         avoid = failed_devices.get(task.id, set())
-        ranked = _rank(capable, avoid)
+        ranked = _rank(capable, avoid, task.required_toolkits)
         for _, candidate in ranked:
             try:
                 attempt = task_assign(
-                    task_id=task.id, agent_id=candidate.agent.id, choice=_choice(ranked, avoid)
+                    task_id=task.id,
+                    agent_id=candidate.agent.id,
+                    choice=_choice(ranked, avoid, task.required_toolkits),
                 )
             except DomainError as exc:
                 if exc.code == "not_ready":
@@ -161,20 +170,3 @@ def groups_with_ready_tasks() -> list[int]:
     return list(
         Task.objects.filter(status=TaskStatus.READY).values_list("group_id", flat=True).distinct()
     )
-
-
-def attempts_sweep_expired(*, limit: int = 500) -> int:
-    """Declare attempts whose lease (or offer deadline) has passed lost; their tasks go
-    back to the pool. Cheap when nothing is due: one indexed query."""
-    now = timezone.now()
-    due = list(
-        Attempt.objects.filter(status__in=LIVE_ATTEMPT_STATUSES, lease_expires_at__lt=now)
-        .order_by("lease_expires_at")
-        .values_list("id", "status")[:limit]
-    )
-    lost = 0
-    for attempt_id, status in due:
-        reason = "offer not accepted in time" if status == "offered" else "lease expired"
-        if attempt_lose(attempt_id=attempt_id, reason=reason) is not None:
-            lost += 1
-    return lost

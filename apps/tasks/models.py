@@ -50,6 +50,8 @@ class Task(models.Model):
     epoch = models.PositiveIntegerField(default=0)
     # Attempts with an epoch above this count against max_attempts (a retry raises it).
     attempt_floor = models.PositiveIntegerField(default=0)
+    # Backoff after a lost or failed attempt: a ready task is not matched before this.
+    not_before = models.DateTimeField(null=True, blank=True)
     result = models.JSONField(null=True, blank=True)
     created_by_user = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL

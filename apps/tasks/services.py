@@ -37,6 +37,7 @@ from apps.tasks.models import (
 from claw.errors import InvalidInput, InvalidTransition, NotFound, StaleAttempt
 
 MAX_STEPS = 200
+MAX_BACKOFF = timedelta(seconds=60)
 MAX_DEPENDENCIES = 100
 
 
@@ -367,7 +368,7 @@ def task_retry(*, actor: AbstractBaseUser, task: Task) -> Task:
                 code="dependency_blocked",
             )
         updated = Task.objects.filter(id=task.id, status=current.status).update(
-            status=new_status, attempt_floor=current.epoch, result=None
+            status=new_status, attempt_floor=current.epoch, result=None, not_before=None
         )
         if updated != 1:
             raise InvalidTransition("The task changed meanwhile; reload it.", code="conflict")
@@ -572,7 +573,9 @@ def attempt_complete(*, attempt_id: int, agent: Agent, epoch: int, result: Any) 
             lease_expires_at=None,
         )
         _cas_task(attempt, TaskStatus.RUNNING, status=TaskStatus.SUCCEEDED, result=result)
-        agent_record_outcome(agent_id=agent.id, succeeded=True)
+        agent_record_outcome(
+            agent_id=agent.id, succeeded=True, toolkits=attempt.task.required_toolkits
+        )
         refresh_agent_load(agent.id)
         released = _release_dependents(attempt.task_id)
         group_id = attempt.task.group_id
@@ -613,14 +616,18 @@ def _end_attempt(
         lease_expires_at=None,
     )
     task = Task.objects.get(id=attempt.task_id)
-    out_of_attempts = _attempts_used(task) >= task.max_attempts
+    used = _attempts_used(task)
+    out_of_attempts = used >= task.max_attempts
     next_status = TaskStatus.FAILED if (not retryable or out_of_attempts) else TaskStatus.READY
+    not_before = now + retry_backoff(used) if next_status == TaskStatus.READY else None
     updated = Task.objects.filter(
         id=attempt.task_id, epoch=attempt.epoch, status__in=LIVE_TASK_STATUSES
-    ).update(status=next_status)
+    ).update(status=next_status, not_before=not_before)
     if updated != 1:
         raise StaleAttempt(f"Task {attempt.task_id} moved past epoch {attempt.epoch}.")
-    agent_record_outcome(agent_id=attempt.agent_id, succeeded=False)
+    agent_record_outcome(
+        agent_id=attempt.agent_id, succeeded=False, toolkits=task.required_toolkits
+    )
     refresh_agent_load(attempt.agent_id)
     blocked = _propagate_block([attempt.task_id]) if next_status == TaskStatus.FAILED else []
     event_append(
@@ -632,8 +639,29 @@ def _end_attempt(
         payload={"status": next_status, "reason": reason[:2000], "retryable": retryable},
     )
     _append_status_events(task.group_id, blocked, TaskStatus.BLOCKED)
+    if retryable and out_of_attempts:
+        _raise_exhausted_checkpoint(task=task, attempts=used, reason=reason)
     request_matching(task.group_id)
     return next_status
+
+
+def retry_backoff(attempts_used: int) -> timedelta:
+    """1 s, 2 s, 4 s … capped at MAX_BACKOFF: a flapping task does not hog the agents."""
+    return min(timedelta(seconds=2 ** max(attempts_used - 1, 0)), MAX_BACKOFF)
+
+
+def _raise_exhausted_checkpoint(*, task: Task, attempts: int, reason: str) -> None:
+    from apps.checkpoints.models import CheckpointSource
+    from apps.checkpoints.services import checkpoint_raise
+
+    checkpoint_raise(
+        group=task.group,
+        task=task,
+        source=CheckpointSource.SYSTEM,
+        title=f"Task #{task.id} failed after {attempts} attempts",
+        details=f"{task.title}\n\nLast failure: {reason[:1000]}",
+        options=["retry", "reassign", "cancel"],
+    )
 
 
 def attempt_fail(*, attempt_id: int, agent: Agent, epoch: int, error: str, retryable: bool) -> str:

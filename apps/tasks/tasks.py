@@ -2,7 +2,8 @@
 
 from celery import shared_task
 
-from apps.tasks.matching import attempts_sweep_expired, groups_with_ready_tasks, tasks_match
+from apps.tasks.failover import agents_sweep_silent, attempts_sweep_expired
+from apps.tasks.matching import groups_with_ready_tasks, tasks_match
 
 
 @shared_task(name="claw.match_group", ignore_result=True, acks_late=True)
@@ -18,4 +19,5 @@ def match_all() -> int:
 
 @shared_task(name="claw.sweep_leases", ignore_result=True)
 def sweep_leases() -> int:
-    return attempts_sweep_expired()
+    """Silent agents first (their attempts go at once), then expired leases."""
+    return agents_sweep_silent() + attempts_sweep_expired()

@@ -1,0 +1,91 @@
+"""Failure detection: what happens when an agent goes silent, read top to bottom.
+
+Two sweepers run on beat every second. Each is one indexed query when nothing is due, and
+each change it makes is a service call (a compare-and-set), so running them twice, or on two
+beats by mistake, or killing a worker halfway, changes nothing twice.
+
+1. `agents_sweep_silent`: an agent whose socket closed (suspect) and did not come back
+   within its group's reconnect grace goes offline and loses its attempts now, without
+   waiting for their leases. An agent that stopped heartbeating for a whole lease goes
+   offline too, so it gets no new offers.
+2. `attempts_sweep_expired`: an attempt whose lease (or offer deadline) passed is lost.
+
+A lost attempt fences its holder (its writes are stale from then on), sends the task back to
+the pool with a backoff, and the matcher prefers another device for the retry.
+"""
+
+from datetime import timedelta
+
+from django.db import transaction
+from django.utils import timezone
+
+from apps.devices.models import Agent, AgentStatus
+from apps.events.services import event_append
+from apps.tasks.models import LIVE_ATTEMPT_STATUSES, Attempt
+from apps.tasks.services import attempt_lose
+
+# The shortest heartbeat interval a group may set: agents heartbeating fine are never
+# older than this, so the silent-agent query stays empty and cheap.
+MIN_SILENCE = timedelta(seconds=1)
+
+
+def _agent_offline(agent: Agent, *, reason: str) -> bool:
+    with transaction.atomic():
+        updated = (
+            Agent.objects.filter(id=agent.id, status=agent.status)
+            .exclude(status=AgentStatus.OFFLINE)
+            .update(status=AgentStatus.OFFLINE, connection="")
+        )
+        if updated:
+            event_append(
+                group_id=agent.group_id,
+                kind="agent.offline",
+                agent_id=agent.id,
+                payload={"status": AgentStatus.OFFLINE, "reason": reason},
+            )
+    return bool(updated)
+
+
+def _lose_attempts_of(agent: Agent, *, reason: str) -> int:
+    live = Attempt.objects.filter(agent=agent, status__in=LIVE_ATTEMPT_STATUSES)
+    return sum(
+        attempt_lose(attempt_id=attempt_id, reason=reason) is not None
+        for attempt_id in live.values_list("id", flat=True)
+    )
+
+
+def agents_sweep_silent() -> int:
+    """Take silent agents offline; returns how many attempts were reassigned."""
+    now = timezone.now()
+    lost = 0
+    suspects = Agent.objects.select_related("group").filter(status=AgentStatus.SUSPECT)
+    for agent in suspects:
+        grace = timedelta(seconds=agent.group.reconnect_grace_s)
+        overdue = agent.disconnected_at is not None and agent.disconnected_at + grace <= now
+        if overdue and _agent_offline(agent, reason="did not reconnect within the grace period"):
+            lost += _lose_attempts_of(agent, reason="agent disconnected")
+    quiet = Agent.objects.select_related("group").filter(
+        status__in=[AgentStatus.ONLINE, AgentStatus.BUSY, AgentStatus.DRAINING],
+        last_heartbeat_at__lt=now - MIN_SILENCE,
+    )
+    for agent in quiet:
+        if agent.last_heartbeat_at + timedelta(seconds=agent.group.lease_timeout_s) <= now:
+            _agent_offline(agent, reason="no heartbeat for a whole lease")
+    return lost
+
+
+def attempts_sweep_expired(*, limit: int = 500) -> int:
+    """Declare attempts whose lease (or offer deadline) has passed lost; their tasks go
+    back to the pool. One query on the live-lease partial index when nothing is due."""
+    now = timezone.now()
+    due = list(
+        Attempt.objects.filter(status__in=LIVE_ATTEMPT_STATUSES, lease_expires_at__lt=now)
+        .order_by("lease_expires_at")
+        .values_list("id", "status")[:limit]
+    )
+    lost = 0
+    for attempt_id, status in due:
+        reason = "offer not accepted in time" if status == "offered" else "lease expired"
+        if attempt_lose(attempt_id=attempt_id, reason=reason) is not None:
+            lost += 1
+    return lost

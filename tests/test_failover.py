@@ -1,0 +1,173 @@
+from datetime import timedelta
+
+import time_machine
+from django.utils import timezone
+
+from apps.checkpoints.models import Checkpoint
+from apps.devices.models import Agent, AgentStatus
+from apps.devices.services import agent_connection_closed, agent_connection_opened
+from apps.events.models import Event
+from apps.tasks.failover import agents_sweep_silent, attempts_sweep_expired
+from apps.tasks.matching import tasks_match
+from apps.tasks.models import Attempt, Task, TaskStatus
+from apps.tasks.services import (
+    attempt_accept,
+    attempt_complete,
+    attempt_fail,
+    attempt_lose,
+    retry_backoff,
+    task_assign,
+    task_create,
+)
+from claw.protocol import AgentInfo
+from tests.conftest import make_agent
+
+
+def later(seconds: float):
+    return time_machine.travel(timezone.now() + timedelta(seconds=seconds), tick=False)
+
+
+def running(personas, task, agent=None):
+    agent = agent or personas.agent
+    attempt = task_assign(task_id=task.id, agent_id=agent.id)
+    return attempt_accept(attempt_id=attempt.id, agent=agent, epoch=attempt.epoch)
+
+
+def create(personas, **kwargs):
+    return task_create(group=personas.group, actor=personas.member, title="job", **kwargs)
+
+
+def connect(agent: Agent, connection: str = "chan-1") -> Agent:
+    info = AgentInfo(name=agent.name, toolkits=agent.toolkits, capacity=agent.capacity)
+    return agent_connection_opened(device_id=agent.device_id, info=info, connection=connection)
+
+
+def test_backoff_doubles_and_is_capped():
+    assert [retry_backoff(n).total_seconds() for n in (1, 2, 3, 4, 7, 20)] == [
+        1,
+        2,
+        4,
+        8,
+        60,
+        60,
+    ]
+
+
+def test_a_lost_task_waits_out_its_backoff_before_it_is_matched_again(personas):
+    task = create(personas)
+    attempt = running(personas, task)
+    attempt_lose(attempt_id=attempt.id, reason="lease expired")
+    task.refresh_from_db()
+    assert task.status == TaskStatus.READY and task.not_before is not None
+    assert tasks_match(group_id=personas.group.id) == []
+    with later(1.5):
+        assert len(tasks_match(group_id=personas.group.id)) == 1
+
+
+def test_an_agent_that_does_not_reconnect_within_the_grace_loses_its_work(personas):
+    agent = connect(personas.agent)
+    task = create(personas)
+    attempt = running(personas, task, agent)
+    agent_connection_closed(agent_id=agent.id, connection="chan-1")
+    with later(personas.group.reconnect_grace_s - 1):
+        assert agents_sweep_silent() == 0  # still inside the grace period
+    with later(personas.group.reconnect_grace_s + 1):
+        assert agents_sweep_silent() == 1
+        assert agents_sweep_silent() == 0  # idempotent
+    attempt.refresh_from_db()
+    assert (attempt.status, attempt.failure_reason) == ("lost", "agent disconnected")
+    assert Agent.objects.get(id=agent.id).status == AgentStatus.OFFLINE
+    assert Task.objects.get(id=task.id).status == TaskStatus.READY
+    assert Event.objects.filter(kind="agent.offline", agent_id=agent.id).count() == 1
+
+
+def test_an_agent_that_reconnects_inside_the_grace_keeps_its_work(personas):
+    agent = connect(personas.agent)
+    task = create(personas)
+    attempt = running(personas, task, agent)
+    agent_connection_closed(agent_id=agent.id, connection="chan-1")
+    with later(5):
+        agent = connect(agent, connection="chan-2")
+    with later(personas.group.reconnect_grace_s + 1):
+        agents_sweep_silent()
+    attempt.refresh_from_db()
+    assert attempt.status == "running"
+    assert Agent.objects.get(id=agent.id).status == AgentStatus.BUSY
+
+
+def test_a_replaced_socket_closing_late_does_not_make_the_agent_suspect(personas):
+    agent = connect(personas.agent, connection="old")
+    connect(agent, connection="new")
+    assert agent_connection_closed(agent_id=agent.id, connection="old") is False
+    assert Agent.objects.get(id=agent.id).status == AgentStatus.ONLINE
+
+
+def test_an_agent_silent_for_a_whole_lease_goes_offline_and_gets_no_offers(personas):
+    agent = connect(personas.agent)
+    create(personas)
+    with later(personas.group.lease_timeout_s - 5):
+        agents_sweep_silent()
+        assert Agent.objects.get(id=agent.id).status == AgentStatus.ONLINE
+    with later(personas.group.lease_timeout_s + 1):
+        agents_sweep_silent()
+        assert Agent.objects.get(id=agent.id).status == AgentStatus.OFFLINE
+        assert tasks_match(group_id=personas.group.id) == []
+
+
+def test_two_missed_heartbeats_do_not_reassign(personas):
+    task = create(personas)
+    attempt = running(personas, task)
+    with later(2 * personas.group.heartbeat_interval_s + 1):
+        assert agents_sweep_silent() == 0
+        assert attempts_sweep_expired() == 0
+    attempt.refresh_from_db()
+    assert attempt.status == "running"
+
+
+def test_running_out_of_attempts_fails_the_task_and_asks_humans(personas):
+    task = create(personas, max_attempts=2)
+    for _ in range(2):
+        attempt = running(personas, task)
+        attempt_fail(
+            attempt_id=attempt.id,
+            agent=personas.agent,
+            epoch=attempt.epoch,
+            error="network down",
+            retryable=True,
+        )
+        Task.objects.filter(id=task.id).update(not_before=None)
+    assert Task.objects.get(id=task.id).status == TaskStatus.FAILED
+    checkpoint = Checkpoint.objects.get(task=task)
+    assert (checkpoint.source, checkpoint.status) == ("system", "pending")
+    assert checkpoint.options == ["retry", "reassign", "cancel"]
+    assert "network down" in checkpoint.details
+
+
+def test_a_permanent_failure_raises_no_checkpoint(personas):
+    task = create(personas)
+    attempt = running(personas, task)
+    attempt_fail(attempt_id=attempt.id, agent=personas.agent, epoch=1, error="bad", retryable=False)
+    assert not Checkpoint.objects.exists()
+
+
+def test_the_track_record_per_toolkit_decides_between_agents(personas):
+    shell_pro = make_agent(personas.group, "shell-pro", toolkits={"shell": "1", "python": "3"})
+    # Better overall than personas.agent (a newcomer at 0.5), but poor with python.
+    shell_pro.succeeded_count, shell_pro.failed_count = 30, 10
+    shell_pro.toolkit_stats = {"shell": [30, 0], "python": [0, 10]}
+    shell_pro.save()
+    python_task = create(personas, required_toolkits=["python"])
+    tasks_match(group_id=personas.group.id)
+    assert Attempt.objects.get(task=python_task).agent_id == personas.agent.id
+
+
+def test_finishing_an_attempt_counts_per_toolkit(personas):
+    task = create(personas, required_toolkits=["shell"])
+    attempt = running(personas, task)
+    attempt_complete(attempt_id=attempt.id, agent=personas.agent, epoch=1, result=None)
+    other = create(personas, required_toolkits=["shell", "python"])
+    attempt = running(personas, other)
+    attempt_fail(attempt_id=attempt.id, agent=personas.agent, epoch=1, error="x", retryable=False)
+    agent = Agent.objects.get(id=personas.agent.id)
+    assert agent.toolkit_stats == {"shell": [1, 1], "python": [0, 1]}
+    assert (agent.succeeded_count, agent.failed_count) == (1, 1)
