@@ -116,9 +116,12 @@ async def test_a_bad_or_missing_token_is_refused_with_4001(token):
         headers=[(b"authorization", f"Bearer {token}".encode())] if token else [],
     )
     await ws.connect()
-    error = await ws.receive_json_from()
-    assert (error["type"], error["code"]) == ("error", "unauthorized")
-    assert (await ws.receive_output())["code"] == protocol.CLOSE_UNAUTHORIZED
+    try:
+        error = await ws.receive_json_from()
+        assert (error["type"], error["code"]) == ("error", "unauthorized")
+        assert (await ws.receive_output())["code"] == protocol.CLOSE_UNAUTHORIZED
+    finally:
+        await ws.disconnect()
 
 
 async def test_a_token_in_the_url_is_not_accepted(device):
