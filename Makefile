@@ -34,7 +34,7 @@ format: $(VENV)/.dev-installed
 	$(BIN)/ruff check --fix .
 
 test: lint
-	DJANGO_SETTINGS_MODULE=tests.settings $(BIN)/python manage.py makemigrations --check --dry-run
+	CLAW_TEST_SERVICES=off DJANGO_SETTINGS_MODULE=tests.settings $(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: $(VENV)/.dev-installed
