@@ -8,6 +8,7 @@ third-party agents can use it, and docs/protocol.md's JSON schemas are generated
 from __future__ import annotations
 
 import json
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -228,14 +229,58 @@ class FrameError(Exception):
         self.code, self.message, self.re = code, message, re
 
 
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if not math.isfinite(value):
+        raise ValueError(f"number {literal[:20]} is out of range")
+    return value
+
+
+def _no_constant(literal: str) -> float:
+    raise ValueError(f"{literal} is not JSON")
+
+
+def _unstorable_string(raw: Any) -> str | None:
+    """The first string (key or value) PostgreSQL cannot store: U+0000, or a lone
+    surrogate (only a \\u escape makes either, so callers skip texts without one)."""
+    stack = [raw]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                return "U+0000"
+            if not item.isascii():
+                try:
+                    item.encode()
+                except UnicodeEncodeError:
+                    return "an unpaired surrogate"
+    return None
+
+
 def parse_client_frame(text: str) -> ClientFrame:
-    """Parse one agent->server text frame or raise FrameError naming the problem."""
-    if len(text.encode()) > MAX_FRAME_BYTES:
+    """Parse one agent->server text frame or raise FrameError naming the problem.
+
+    Types are checked strictly, as the JSON schemas say: "5" is not an integer and "yes"
+    is not a boolean. Text that PostgreSQL cannot store (U+0000, lone surrogates, numbers
+    beyond a double) is refused here rather than failing later in the database.
+    """
+    try:
+        size = len(text.encode())
+    except UnicodeEncodeError:
+        raise FrameError("bad_json", "The frame is not valid UTF-8 text.") from None
+    if size > MAX_FRAME_BYTES:
         raise FrameError("too_big", f"Frames are limited to {MAX_FRAME_BYTES} bytes.")
     try:
-        raw = json.loads(text)
-    except ValueError:
-        raise FrameError("bad_json", "The frame is not valid JSON.") from None
+        raw = json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+    except RecursionError:
+        raise FrameError("bad_json", "The frame is nested too deeply.") from None
+    except ValueError as exc:
+        raise FrameError("bad_json", f"The frame is not valid JSON: {exc}"[:200]) from None
     if not isinstance(raw, dict):
         raise FrameError("bad_frame", "A frame is a JSON object.")
     client_id = raw.get("id") if isinstance(raw.get("id"), str) else None
@@ -243,16 +288,18 @@ def parse_client_frame(text: str) -> ClientFrame:
         client_id = None
     if "type" not in raw:
         raise FrameError("invalid", "type: missing", client_id)
+    if "\\u" in text and (bad := _unstorable_string(raw)):
+        raise FrameError("invalid", f"Strings may not contain {bad}.", client_id)
     try:
-        return CLIENT_FRAMES.validate_python(raw)
+        return CLIENT_FRAMES.validate_python(raw, strict=True)
     except ValidationError as exc:
         first = exc.errors()[0]
         if first["type"] in {"union_tag_invalid", "union_tag_not_found"}:
             raise FrameError(
-                "unknown_type", f"Unknown frame type {raw.get('type')!r}.", client_id
+                "unknown_type", f"Unknown frame type {raw.get('type')!r}."[:200], client_id
             ) from None
         where = ".".join(str(p) for p in first["loc"][1:]) or "frame"
-        raise FrameError("invalid", f"{where}: {first['msg']}", client_id) from None
+        raise FrameError("invalid", f"{where[:100]}: {first['msg']}", client_id) from None
 
 
 def json_schemas() -> dict[str, Any]:

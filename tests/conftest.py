@@ -91,4 +91,5 @@ def broadcasts(monkeypatch):
     monkeypatch.setattr(
         "apps.events.broadcast.send_now", lambda group, message: sent.append((group, message))
     )
+    monkeypatch.setattr("apps.events.broadcast.send_many_now", sent.extend)
     return sent

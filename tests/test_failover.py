@@ -5,7 +5,12 @@ from django.utils import timezone
 
 from apps.checkpoints.models import Checkpoint
 from apps.devices.models import Agent, AgentStatus
-from apps.devices.services import agent_connection_closed, agent_connection_opened
+from apps.devices.services import (
+    agent_connection_closed,
+    agent_connection_opened,
+    agent_drain_self,
+    agent_heartbeat,
+)
 from apps.events.models import Event
 from apps.tasks.failover import agents_sweep_silent, attempts_sweep_expired
 from apps.tasks.matching import tasks_match
@@ -112,6 +117,37 @@ def test_an_agent_silent_for_a_whole_lease_goes_offline_and_gets_no_offers(perso
         agents_sweep_silent()
         assert Agent.objects.get(id=agent.id).status == AgentStatus.OFFLINE
         assert tasks_match(group_id=personas.group.id) == []
+
+
+def test_a_silent_agent_whose_socket_stayed_open_comes_back_when_it_heartbeats(personas):
+    agent = connect(personas.agent)
+    with later(personas.group.lease_timeout_s + 1):
+        agents_sweep_silent()
+        assert Agent.objects.get(id=agent.id).status == AgentStatus.OFFLINE
+        agent_heartbeat(agent_id=agent.id, lease_timeout_s=personas.group.lease_timeout_s)
+    agent = Agent.objects.get(id=agent.id)
+    assert (agent.status, agent.connection) == (AgentStatus.ONLINE, "chan-1")
+    assert Event.objects.filter(kind="agent.online", agent_id=agent.id).last().payload == {
+        "status": "online",
+        "reason": "heartbeats resumed",
+    }
+    create(personas)
+    assert len(tasks_match(group_id=personas.group.id)) == 1
+    # Its socket closing later still makes it suspect.
+    assert agent_connection_closed(agent_id=agent.id, connection="chan-1") is True
+
+
+def test_agents_offline_for_other_reasons_stay_offline_when_a_heartbeat_arrives(personas):
+    closed = connect(personas.agent)
+    agent_connection_closed(agent_id=closed.id, connection="chan-1")
+    draining = connect(make_agent(personas.group, "drainer"), connection="chan-2")
+    agent_drain_self(agent_id=draining.id)
+    with later(personas.group.lease_timeout_s + 1):
+        agents_sweep_silent()
+        for agent in (closed, draining):
+            assert Agent.objects.get(id=agent.id).status == AgentStatus.OFFLINE
+            agent_heartbeat(agent_id=agent.id, lease_timeout_s=30)
+            assert Agent.objects.get(id=agent.id).status == AgentStatus.OFFLINE
 
 
 def test_two_missed_heartbeats_do_not_reassign(personas):

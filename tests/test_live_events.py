@@ -39,6 +39,24 @@ task = task_create(
 print(task.id)
 """
 
+# A matcher batch appends its task.assigned events with one seq range and announces them
+# with one events.appended message; the socket sends each event.
+MATCH_BATCH = """
+from apps.devices.models import Agent, Device
+from apps.groups.models import Group
+from apps.tasks.matching import tasks_match
+from apps.tasks.models import Task
+group = Group.objects.get(slug="live")
+device = Device.objects.create(
+    group=group, name="batch", token_hash="b" * 64, token_prefix="b",
+    paired_at="2026-01-01T00:00:00Z",
+)
+Agent.objects.create(group=group, device=device, name="wide", capacity=50, status="online")
+for i in range(3):
+    Task.objects.create(group=group, title=f"batch {{i}}", max_attempts=3)
+print(len(tasks_match(group_id=group.id)))
+"""
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -100,6 +118,28 @@ def test_a_socket_idle_for_12s_still_gets_the_next_event(server):
             frame = frames[-1]
             assert frame["type"] == "event" and frame["kind"] == "task.created"
             assert frame["payload"]["title"] == "after the quiet"
+
+    asyncio.run(scenario())
+
+
+def test_a_matched_batch_reaches_the_socket_as_one_frame_per_event(server):
+    async def scenario():
+        async with _socket(server) as ws:
+            output = await asyncio.to_thread(
+                manage, server["services"], "shell", "-v", "0", "-c", MATCH_BATCH.format()
+            )
+            matched = int(output.split()[-1])
+            assert matched >= 3
+            assigned: list[dict] = []
+
+            def all_assigned(frame: dict) -> bool:
+                if frame.get("kind") == "task.assigned":
+                    assigned.append(frame)
+                return len(assigned) == matched
+
+            await _frames_until(ws, all_assigned, 10)
+            first = assigned[0]["seq"]
+            assert [f["seq"] for f in assigned] == list(range(first, first + matched))
 
     asyncio.run(scenario())
 

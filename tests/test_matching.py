@@ -4,7 +4,8 @@ import pytest
 import time_machine
 from django.utils import timezone
 
-from apps.devices.models import AgentStatus
+from apps.devices.models import Agent, AgentStatus
+from apps.events.models import Event
 from apps.tasks.failover import attempts_sweep_expired
 from apps.tasks.matching import tasks_match
 from apps.tasks.models import Attempt, Task, TaskStatus
@@ -15,6 +16,7 @@ from apps.tasks.services import (
     task_assign,
     task_cancel,
     task_create,
+    tasks_assign_many,
 )
 from tests.conftest import make_agent
 
@@ -154,3 +156,75 @@ def test_matching_is_requested_after_commit_when_work_becomes_ready(personas, mo
     attempt = task_assign(task_id=task.id, agent_id=personas.agent.id)
     attempt_decline(attempt_id=attempt.id, agent=personas.agent, epoch=1, reason="busy")
     assert requested == [personas.group.id] * 2
+
+
+def test_one_match_claims_its_batch_in_one_transaction_and_announces_it_once(
+    personas, broadcasts, django_capture_on_commit_callbacks
+):
+    make_agent(personas.group, "wide", capacity=5)
+    tasks = [create(personas, f"t{i}") for i in range(4)]
+    before = Event.objects.filter(group=personas.group).count()
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        attempt_ids = tasks_match(group_id=personas.group.id)
+    assert len(callbacks) == 2  # the offers, then the events: one hop each
+    attempts = Attempt.objects.filter(id__in=attempt_ids).order_by("id")
+    assert [a.task_id for a in attempts] == [t.id for t in tasks]
+    assert all(a.choice["chosen"] == a.agent_id for a in attempts)
+    events = list(Event.objects.filter(group=personas.group).order_by("seq"))[before:]
+    assert [(e.kind, e.attempt_id) for e in events] == [("task.assigned", a.id) for a in attempts]
+    assert [e.payload["choice"] for e in events] == [a.choice for a in attempts]
+    assert [e.seq for e in events] == list(range(before + 1, before + 5))
+    assert broadcasts == [
+        *[
+            (f"agent.{a.agent_id}", {"type": "attempt.offered", "attempt_id": a.id, "epoch": 1})
+            for a in attempts
+        ],
+        (
+            f"group.{personas.group.id}",
+            {
+                "type": "events.appended",
+                "group_id": personas.group.id,
+                "first_seq": before + 1,
+                "last_seq": before + 4,
+            },
+        ),
+    ]
+
+
+def test_a_batch_gives_an_agent_only_what_its_capacity_allows_under_its_lock(personas):
+    tasks = [create(personas, f"t{i}") for i in range(3)]
+    planned = [(t.id, personas.agent.id, {}) for t in tasks]  # capacity 1, offered 3
+    attempts = tasks_assign_many(group_id=personas.group.id, offers=planned)
+    assert [a.task_id for a in attempts] == [tasks[0].id]
+    assert Agent.objects.get(id=personas.agent.id).status == AgentStatus.BUSY
+    assert tasks_assign_many(group_id=personas.group.id, offers=planned[1:]) == []
+    assert Task.objects.filter(status=TaskStatus.READY).count() == 2  # left as they were
+    assert set(Task.objects.filter(status=TaskStatus.READY).values_list("epoch", flat=True)) == {0}
+
+
+def test_a_batch_skips_tasks_that_are_no_longer_ready_and_agents_that_left(personas):
+    spare = make_agent(personas.group, "spare", capacity=3)
+    taken, free, other = (create(personas, f"t{i}") for i in range(3))
+    task_assign(task_id=taken.id, agent_id=personas.agent.id)
+    spare.status = AgentStatus.OFFLINE
+    spare.save()
+    attempts = tasks_assign_many(
+        group_id=personas.group.id,
+        offers=[(taken.id, spare.id, {}), (free.id, spare.id, {}), (other.id, spare.id, {})],
+    )
+    assert attempts == []
+    assert Attempt.objects.filter(task=taken).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_lost_task_is_matched_again_when_its_backoff_ends(personas, monkeypatch):
+    later = []
+    monkeypatch.setattr("apps.tasks.tasks.match_group.delay", lambda group_id: None)
+    monkeypatch.setattr(
+        "apps.tasks.tasks.match_group.apply_async",
+        lambda args, countdown: later.append((args, countdown)),
+    )
+    task = create(personas)
+    attempt = task_assign(task_id=task.id, agent_id=personas.agent.id)
+    attempt_lose(attempt_id=attempt.id, reason="agent disconnected")
+    assert later == [((personas.group.id,), pytest.approx(1.1))]  # retry_backoff(1) + margin

@@ -189,3 +189,90 @@ def test_a_former_approver_cannot_decide(personas, running):
     Membership.objects.filter(user=leaver).delete()
     with pytest.raises(NotFound):
         checkpoint_decide(actor=leaver, checkpoint=checkpoint, verdict="approve")
+
+
+# --- a task out of attempts: retry, reassign, or give up ----------------------------------
+
+
+@pytest.fixture
+def exhausted(personas):
+    from apps.tasks.services import attempt_lose
+
+    task = task_create(group=personas.group, actor=personas.member, title="Flaky", max_attempts=1)
+    attempt = task_assign(task_id=task.id, agent_id=personas.agent.id)
+    attempt_lose(attempt_id=attempt.id, reason="lease expired")
+    checkpoint = Checkpoint.objects.get(task=task)
+    assert (checkpoint.kind, checkpoint.options) == (
+        "max_attempts",
+        ["retry", "reassign", "cancel"],
+    )
+    return checkpoint
+
+
+def test_approving_retry_puts_the_task_back_in_the_pool(personas, exhausted):
+    checkpoint_decide(
+        actor=personas.approver, checkpoint=exhausted, verdict="approve", option="retry"
+    )
+    exhausted.task.refresh_from_db()
+    assert exhausted.task.status == "ready"
+
+
+def test_approving_reassign_hands_the_task_to_the_chosen_agent(personas, exhausted):
+    from tests.conftest import make_agent
+
+    chosen = make_agent(personas.group, "chosen")
+    checkpoint_decide(
+        actor=personas.approver,
+        checkpoint=exhausted,
+        verdict="approve",
+        option="reassign",
+        assign_to=chosen.id,
+    )
+    attempt = exhausted.task.attempts.get(epoch=2)
+    assert (attempt.agent_id, attempt.status) == (chosen.id, "offered")
+    assert "reassigned by approver" in attempt.choice["reason"]
+
+
+def test_reassigning_to_an_agent_that_cannot_take_it_changes_nothing(personas, exhausted):
+    from tests.conftest import make_agent
+
+    busy = make_agent(personas.group, "busy", toolkits={"vision": "1"})
+    busy.status = "offline"
+    busy.save()
+    with pytest.raises(InvalidTransition):
+        checkpoint_decide(
+            actor=personas.approver,
+            checkpoint=exhausted,
+            verdict="approve",
+            option="reassign",
+            assign_to=busy.id,
+        )
+    assert status_of(exhausted) == CheckpointStatus.PENDING
+    exhausted.task.refresh_from_db()
+    assert exhausted.task.status == "failed"
+    assert not Decision.objects.exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "code"),
+    [
+        ({"verdict": "approve"}, "option_required"),
+        ({"verdict": "approve", "option": "explode"}, "option_required"),
+        ({"verdict": "approve", "option": "reassign"}, "assign_to_required"),
+        ({"verdict": "approve", "option": "retry", "assign_to": 1}, "assign_to_required"),
+        ({"verdict": "reject", "option": "retry"}, "invalid"),
+    ],
+)
+def test_options_are_validated(personas, exhausted, kwargs, code):
+    with pytest.raises(InvalidInput) as exc:
+        checkpoint_decide(actor=personas.approver, checkpoint=exhausted, **kwargs)
+    assert exc.value.code == code
+    assert status_of(exhausted) == CheckpointStatus.PENDING
+
+
+def test_giving_up_leaves_the_task_failed(personas, exhausted):
+    checkpoint_decide(
+        actor=personas.approver, checkpoint=exhausted, verdict="approve", option="cancel"
+    )
+    exhausted.task.refresh_from_db()
+    assert (exhausted.task.status, status_of(exhausted)) == ("failed", "approved")

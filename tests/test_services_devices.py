@@ -126,6 +126,17 @@ def test_a_heartbeat_extends_the_leases_of_running_attempts(personas):
     assert lease >= later + timedelta(seconds=personas.group.lease_timeout_s - 1)
 
 
+def test_a_heartbeat_does_not_extend_an_offer_whose_frame_the_agent_may_never_have_seen(
+    personas,
+):
+    agent = personas.agent
+    task = task_create(group=personas.group, actor=personas.member, title="offered")
+    offer = task_assign(task_id=task.id, agent_id=agent.id)
+    with time_machine.travel(timezone.now() + timedelta(seconds=20)):
+        assert agent_heartbeat(agent_id=agent.id, lease_timeout_s=30) == 0
+    assert Attempt.objects.get(id=offer.id).lease_expires_at == offer.lease_expires_at
+
+
 def test_draining_agents_and_devices_is_for_owners(personas):
     with pytest.raises(Forbidden):
         agent_set_draining(actor=personas.member, agent=personas.agent, draining=True)

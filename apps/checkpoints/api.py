@@ -6,6 +6,7 @@ from django.http import HttpRequest
 from ninja import Field, Query, Router, Schema
 
 from apps.checkpoints.models import (
+    CheckpointKind,
     CheckpointSource,
     CheckpointStatus,
     ExpiryAction,
@@ -31,6 +32,7 @@ class CheckpointOut(Schema):
     task_id: int | None
     attempt_id: int | None
     source: CheckpointSource
+    kind: CheckpointKind
     title: str
     details: str
     options: list[str]
@@ -54,6 +56,7 @@ class DecisionOut(Schema):
     user_id: int
     username: str
     verdict: Verdict
+    option: str
     note: str
     created_at: datetime
 
@@ -73,6 +76,8 @@ class CheckpointDetailOut(CheckpointOut):
 class DecideIn(InSchema):
     verdict: Verdict
     note: str = Field("", max_length=5000)
+    option: str = Field("", max_length=100, description="With approve: one of the options.")
+    assign_to: int | None = Field(None, ge=1, description="With option reassign: an agent id.")
 
 
 @router.get("/groups/{slug}/checkpoints", response=CheckpointPage)
@@ -97,6 +102,11 @@ def checkpoint_decide_view(request: HttpRequest, checkpoint_id: int, payload: De
     """Approve, reject or request changes; needs the checkpoint's decider_role."""
     checkpoint = checkpoint_get_for_user(user=request.auth, checkpoint_id=checkpoint_id)
     checkpoint_decide(
-        actor=request.auth, checkpoint=checkpoint, verdict=payload.verdict, note=payload.note
+        actor=request.auth,
+        checkpoint=checkpoint,
+        verdict=payload.verdict,
+        note=payload.note,
+        option=payload.option,
+        assign_to=payload.assign_to,
     )
     return checkpoint_get_for_user(user=request.auth, checkpoint_id=checkpoint_id)

@@ -14,6 +14,17 @@ class CheckpointSource(models.TextChoices):
     HUMAN = "human"
 
 
+class CheckpointKind(models.TextChoices):
+    """What the checkpoint is about, which decides what its outcome does."""
+
+    REQUEST = "request", "An agent asks"
+    MAX_ATTEMPTS = "max_attempts", "A task ran out of attempts: retry, reassign or give up"
+    BEFORE_START = "before_start", "Approve before the task starts"
+    REVIEW = "review", "Review the result"
+    PLAN = "plan", "Approve a plan"
+    BUDGET = "budget", "Raise a budget"
+
+
 class CheckpointStatus(models.TextChoices):
     PENDING = "pending"
     APPROVED = "approved"
@@ -39,6 +50,9 @@ class Checkpoint(models.Model):
         Attempt, null=True, blank=True, on_delete=models.CASCADE, related_name="checkpoints"
     )
     source = models.CharField(max_length=10, choices=CheckpointSource.choices)
+    kind = models.CharField(
+        max_length=20, choices=CheckpointKind.choices, default=CheckpointKind.REQUEST
+    )
     title = models.CharField(max_length=200)
     details = models.TextField(blank=True)
     options = models.JSONField(default=list, blank=True)
@@ -83,6 +97,8 @@ class Decision(models.Model):
     checkpoint = models.ForeignKey(Checkpoint, on_delete=models.CASCADE, related_name="decisions")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE)
     verdict = models.CharField(max_length=20, choices=Verdict.choices)
+    # With an approval of a checkpoint that offers options: the one chosen.
+    option = models.CharField(max_length=100, blank=True)
     note = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 

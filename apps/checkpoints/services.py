@@ -6,6 +6,7 @@ from django.utils import timezone
 
 from apps.checkpoints.models import (
     Checkpoint,
+    CheckpointKind,
     CheckpointSource,
     CheckpointStatus,
     Decision,
@@ -31,6 +32,7 @@ def checkpoint_raise(
     group: Group,
     title: str,
     source: str,
+    kind: str = CheckpointKind.REQUEST,
     details: str = "",
     options: list[str] | None = None,
     task: Task | None = None,
@@ -45,6 +47,8 @@ def checkpoint_raise(
         raise InvalidInput("A checkpoint needs a title of 1 to 200 characters.")
     if source not in CheckpointSource.values:
         raise InvalidInput(f"source must be one of {', '.join(CheckpointSource.values)}.")
+    if kind not in CheckpointKind.values:
+        raise InvalidInput(f"kind must be one of {', '.join(CheckpointKind.values)}.")
     if not 1 <= required_approvals <= 20:
         raise InvalidInput("required_approvals must be from 1 to 20.")
     if decider_role not in (Role.APPROVER, Role.OWNER):
@@ -66,6 +70,7 @@ def checkpoint_raise(
             task=task,
             attempt=attempt,
             source=source,
+            kind=kind,
             title=title,
             details=details,
             options=options,
@@ -80,7 +85,12 @@ def checkpoint_raise(
             task_id=task.id if task else None,
             attempt_id=attempt.id if attempt else None,
             agent_id=attempt.agent_id if attempt else None,
-            payload={"checkpoint_id": checkpoint.id, "title": title, "source": source},
+            payload={
+                "checkpoint_id": checkpoint.id,
+                "title": title,
+                "source": source,
+                "kind": kind,
+            },
         )
     return checkpoint
 
@@ -116,10 +126,17 @@ def _resolve(checkpoint: Checkpoint, status: str, *, note: str = "", actor_id: i
 
 
 def checkpoint_decide(
-    *, actor: AbstractBaseUser, checkpoint: Checkpoint, verdict: str, note: str = ""
+    *,
+    actor: AbstractBaseUser,
+    checkpoint: Checkpoint,
+    verdict: str,
+    note: str = "",
+    option: str = "",
+    assign_to: int | None = None,
 ) -> Decision:
     """Record one person's decision. A reject or request-changes resolves at once; approvals
-    resolve when the quorum is reached."""
+    resolve when the quorum is reached. Approving a checkpoint that offers options names
+    one; the resolution then acts on it (see _act_on_resolution)."""
     if verdict not in Verdict.values:
         raise InvalidInput(f"verdict must be one of {', '.join(Verdict.values)}.")
     if len(note) > 5000:
@@ -134,10 +151,11 @@ def checkpoint_decide(
             )
         if current.expires_at is not None and current.expires_at <= timezone.now():
             raise InvalidTransition("This checkpoint has expired.", code="expired")
+        _check_option(current, verdict=verdict, option=option, assign_to=assign_to)
         try:
             with transaction.atomic():
                 decision = Decision.objects.create(
-                    checkpoint=current, user=actor, verdict=verdict, note=note
+                    checkpoint=current, user=actor, verdict=verdict, option=option, note=note
                 )
         except IntegrityError:
             raise InvalidTransition(
@@ -149,12 +167,61 @@ def checkpoint_decide(
             task_id=current.task_id,
             attempt_id=current.attempt_id,
             actor_id=actor.pk,
-            payload={"checkpoint_id": current.id, "verdict": verdict, "note": note},
+            payload={
+                "checkpoint_id": current.id,
+                "verdict": verdict,
+                "option": option,
+                "note": note,
+            },
         )
         approvals = current.decisions.filter(verdict=Verdict.APPROVE).count()
         if verdict != Verdict.APPROVE or approvals >= current.required_approvals:
             _resolve(current, VERDICT_OUTCOME[verdict], note=note, actor_id=actor.pk)
+            if verdict == Verdict.APPROVE:
+                _act_on_resolution(current, option=option, assign_to=assign_to, actor=actor)
     return decision
+
+
+def _check_option(checkpoint: Checkpoint, *, verdict: str, option: str, assign_to) -> None:
+    if verdict != Verdict.APPROVE or not checkpoint.options:
+        if option or assign_to is not None:
+            raise InvalidInput("Only an approval of a checkpoint with options names an option.")
+        return
+    # Options are a choice to make where the outcome acts on it (a task out of attempts);
+    # elsewhere they are suggestions, and naming one is optional.
+    required = checkpoint.kind == CheckpointKind.MAX_ATTEMPTS
+    if (option or required) and option not in checkpoint.options:
+        raise InvalidInput(
+            f"Approving this checkpoint names one of: {', '.join(checkpoint.options)}.",
+            code="option_required",
+        )
+    if checkpoint.kind == CheckpointKind.MAX_ATTEMPTS and (option == "reassign") != (
+        assign_to is not None
+    ):
+        raise InvalidInput(
+            "reassign needs assign_to (the agent to run the task), and only reassign takes it.",
+            code="assign_to_required",
+        )
+
+
+def _act_on_resolution(
+    checkpoint: Checkpoint, *, option: str, assign_to: int | None, actor: AbstractBaseUser
+) -> None:
+    """What an approval does beyond resolving: for a task out of attempts, retry it, or
+    retry it on the chosen agent at once (that agent must be able to take it, or the whole
+    decision is refused); "cancel" leaves the task failed. Other kinds have no server-side
+    reaction (the waiting agent gets the decision)."""
+    if checkpoint.kind != CheckpointKind.MAX_ATTEMPTS or option not in {"retry", "reassign"}:
+        return
+    from apps.tasks.services import task_assign, task_retry
+
+    task = task_retry(actor=actor, task=checkpoint.task)
+    if option == "reassign":
+        task_assign(
+            task_id=task.id,
+            agent_id=assign_to,
+            choice={"reason": f"reassigned by {actor.get_username()} at checkpoint"},
+        )
 
 
 def checkpoint_expire(*, checkpoint_id: int) -> str | None:

@@ -9,6 +9,7 @@ database before they are sent, so a frame always reflects committed state.
 import json
 import logging
 import time
+from functools import partial
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
@@ -27,6 +28,15 @@ from claw import protocol
 from claw.protocol import FrameError
 
 logger = logging.getLogger(__name__)
+
+# Channels runs database_sync_to_async calls "thread-sensitively" by default: every
+# consumer of the process queues its ORM calls on ONE shared thread, one call at a time, so
+# a server's whole agent traffic (hellos, heartbeats, progress) is serialized behind the
+# round trips of single queries, and a burst of reconnects starves heartbeats for seconds.
+# The services called here are self-contained (each opens, commits and closes its own
+# work, and no state lives in a thread), so any worker thread of the loop's pool will do.
+# A consumer still awaits its calls one by one: one socket's frames keep their order.
+db = partial(database_sync_to_async, thread_sensitive=False)
 
 RATE_PER_S = 50.0
 BURST = 200
@@ -62,11 +72,12 @@ class AgentConsumer(AsyncWebsocketConsumer):
     agent_id: int | None = None
 
     async def connect(self) -> None:
-        token = _bearer_token(self.scope)
-        device = (
-            await database_sync_to_async(device_authenticate)(raw_token=token) if token else None
-        )
+        # Accept first: the answer to a bad token is a frame and a close code anyway, and a
+        # handshake that waited for the database would hit the server's handshake timeout
+        # (Daphne: 5 s) whenever the database is busy. Frames wait until connect() returns.
         await self.accept()
+        token = _bearer_token(self.scope)
+        device = await db(device_authenticate)(raw_token=token) if token else None
         if device is None:
             await self._error(
                 None, "unauthorized", "Send a valid device token as Authorization: Bearer …"
@@ -79,15 +90,17 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await self.channel_layer.group_add(device_channel(device.id), self.channel_name)
 
     async def disconnect(self, code: int) -> None:
-        if self.device_id is not None:
-            await self.channel_layer.group_discard(
-                device_channel(self.device_id), self.channel_name
-            )
+        # The database first: when thousands of sockets drop at once the channel layer can
+        # refuse (Redis pool exhausted), and the agent must still become suspect.
         if self.agent_id is not None:
-            await self.channel_layer.group_discard(agent_channel(self.agent_id), self.channel_name)
-            await database_sync_to_async(agent_connection_closed)(
-                agent_id=self.agent_id, connection=self.channel_name
-            )
+            await db(agent_connection_closed)(agent_id=self.agent_id, connection=self.channel_name)
+        groups = [device_channel(self.device_id)] if self.device_id is not None else []
+        groups += [agent_channel(self.agent_id)] if self.agent_id is not None else []
+        for group in groups:
+            try:
+                await self.channel_layer.group_discard(group, self.channel_name)
+            except Exception:  # the membership expires with the layer's group_expiry
+                logger.warning("leaving %s failed", group, exc_info=True)
 
     # --- inbound ---------------------------------------------------------------------------
 
@@ -96,8 +109,11 @@ class AgentConsumer(AsyncWebsocketConsumer):
             return
         if text_data is None:
             await self._error(None, "text_only", "Frames are JSON text, not binary.")
+            if self.agent_id is None:
+                await self.close(code=protocol.CLOSE_PROTOCOL)
             return
-        if len(text_data) > protocol.MAX_FRAME_BYTES:
+        # The limit is in bytes: a frame of 200,000 "é" is 400,000 bytes.
+        if len(text_data.encode("utf-8", "surrogatepass")) > protocol.MAX_FRAME_BYTES:
             await self.close(code=protocol.CLOSE_TOO_BIG)
             return
         if not self.bucket.take():
@@ -133,17 +149,15 @@ class AgentConsumer(AsyncWebsocketConsumer):
             case protocol.Hello():
                 await self._hello(frame)
             case protocol.Heartbeat():
-                extended = await database_sync_to_async(agent_heartbeat)(
+                extended = await db(agent_heartbeat)(
                     agent_id=self.agent_id, lease_timeout_s=self.lease_timeout_s
                 )
                 await self._send(protocol.Ack(re=frame.id, result={"leases_extended": extended}))
             case protocol.Drain():
-                await database_sync_to_async(agent_drain_self)(agent_id=self.agent_id)
+                await db(agent_drain_self)(agent_id=self.agent_id)
                 await self._send(protocol.Ack(re=frame.id))
             case _:
-                response = await database_sync_to_async(agent_message_once)(
-                    agent_id=self.agent_id, frame=frame
-                )
+                response = await db(agent_message_once)(agent_id=self.agent_id, frame=frame)
                 await self.send(text_data=json.dumps(response))
 
     async def _hello(self, frame: protocol.Hello) -> None:
@@ -160,7 +174,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             await self.close(code=protocol.CLOSE_PROTOCOL)
             return
         try:
-            agent = await database_sync_to_async(agent_connection_opened)(
+            agent = await db(agent_connection_opened)(
                 device_id=self.device_id, info=frame.agent, connection=self.channel_name
             )
         except Exception as exc:  # a DomainError from validation, or a revoked device
@@ -176,7 +190,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.agent_id = agent_id
 
         await self.channel_layer.group_add(agent_channel(agent_id), self.channel_name)
-        welcome = await database_sync_to_async(selectors.welcome_frame)(
+        welcome = await db(selectors.welcome_frame)(
             agent_id=agent_id,
             re=frame.id,
             version=max(common),
@@ -190,9 +204,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
     # --- pushes from services (channel layer) ----------------------------------------------
 
     async def attempt_offered(self, message: dict) -> None:
-        frame = await database_sync_to_async(selectors.assignment_frame)(
-            attempt_id=message["attempt_id"]
-        )
+        frame = await db(selectors.assignment_frame)(attempt_id=message["attempt_id"])
         if frame is not None:
             await self._send(frame)
 

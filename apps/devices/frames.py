@@ -55,7 +55,7 @@ def _apply(agent: Agent, frame) -> dict:
                 agent=agent,
                 epoch=frame.epoch,
                 kind=frame.kind,
-                payload={"seq": frame.seq, **frame.data},
+                payload={**frame.data, "seq": frame.seq},  # the protocol's seq wins
             )
             return {"event_seq": seq}
         case protocol.Complete():

@@ -207,18 +207,56 @@ def agent_register(
 
 
 def agent_heartbeat(*, agent_id: int, lease_timeout_s: int) -> int:
-    """Keep the agent alive and extend the leases of all its live attempts.
+    """Keep the agent alive and extend the leases of its running attempts.
 
-    Two single-statement updates and no event (heartbeats are not history). Returns how
-    many leases were extended.
+    An offer keeps its deadline: an agent whose assignment frame was lost keeps
+    heartbeating without knowing of the offer, so extending it would hold the task (and
+    the agent's capacity) forever. Two single-statement updates and no event (heartbeats
+    are not history). Returns how many leases were extended.
     """
-    from apps.tasks.models import LIVE_ATTEMPT_STATUSES, Attempt
+    from apps.tasks.models import Attempt, AttemptStatus
 
     now = timezone.now()
-    Agent.objects.filter(id=agent_id).update(last_heartbeat_at=now)
-    return Attempt.objects.filter(agent_id=agent_id, status__in=LIVE_ATTEMPT_STATUSES).update(
+    alive = Agent.objects.filter(id=agent_id).exclude(status=AgentStatus.OFFLINE)
+    if not alive.update(last_heartbeat_at=now):
+        _agent_heartbeats_resumed(agent_id=agent_id, now=now)
+    return Attempt.objects.filter(agent_id=agent_id, status=AttemptStatus.RUNNING).update(
         lease_expires_at=now + timedelta(seconds=lease_timeout_s)
     )
+
+
+def _agent_heartbeats_resumed(*, agent_id: int, now) -> None:
+    """A heartbeat from an agent the failover sweeper took offline for silence while its
+    socket stayed open (a frozen process, a sleeping laptop): it is back and may get work
+    again. Agents that went offline otherwise stay offline: a closed socket left no
+    connection (it cannot heartbeat), a revoked device is refused, and a draining agent's
+    connection was cleared when it went offline."""
+    from apps.tasks.services import refresh_agent_load, request_matching
+
+    with transaction.atomic():
+        agent = (
+            Agent.objects.select_related("device")
+            .filter(id=agent_id, status=AgentStatus.OFFLINE, device__revoked_at=None)
+            .exclude(connection="")
+            .first()
+        )
+        if agent is None:
+            Agent.objects.filter(id=agent_id).update(last_heartbeat_at=now)
+            return
+        status = AgentStatus.DRAINING if agent.device.draining else AgentStatus.ONLINE
+        revived = Agent.objects.filter(id=agent_id, status=AgentStatus.OFFLINE).update(
+            status=status, last_heartbeat_at=now, disconnected_at=None
+        )
+        if not revived:
+            return
+        refresh_agent_load(agent_id)
+        event_append(
+            group_id=agent.group_id,
+            kind="agent.online",
+            agent_id=agent_id,
+            payload={"status": status, "reason": "heartbeats resumed"},
+        )
+        request_matching(agent.group_id)
 
 
 def agent_connection_opened(*, device_id: int, info, connection: str) -> Agent:

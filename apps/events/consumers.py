@@ -77,6 +77,17 @@ class GroupEventsConsumer(AsyncWebsocketConsumer):
         for frame in frames:
             await self.send(text_data=json.dumps(frame))
 
+    async def events_appended(self, message: dict) -> None:
+        """A batch (event_append_many): the events first_seq..last_seq, in order."""
+        after, last = message["first_seq"] - 1, message["last_seq"]
+        while after < last:
+            frames = await self._frames_since(after, limit=min(last - after, 500))
+            for frame in frames:
+                await self.send(text_data=json.dumps(frame))
+            if not frames:
+                break
+            after = frames[-1]["seq"]
+
     async def _error(self, code: str, text: str) -> None:
         await self.send(text_data=json.dumps({"type": "error", "code": code, "message": text}))
 

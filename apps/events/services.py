@@ -1,22 +1,36 @@
 from django.db import connection, transaction
+from django.db.models import JSONField, Value
 from django.utils import timezone
 
 from apps.events.broadcast import broadcast_on_commit, group_channel
 from apps.events.models import Event, ProcessBeat
 
 
-def _next_seq(group_id: int) -> int:
-    # UPDATE … RETURNING (PostgreSQL, SQLite >= 3.35) locks the group's row until commit, so
-    # writers in one group take numbers one at a time and a rollback gives the number back.
+def _next_seq(group_id: int, count: int = 1) -> int:
+    """Take `count` numbers; returns the last. UPDATE … RETURNING (PostgreSQL, SQLite >=
+    3.35) locks the group's row until commit, so writers in one group take numbers one at a
+    time and a rollback gives the numbers back."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "UPDATE groups_group SET event_seq = event_seq + 1 WHERE id = %s RETURNING event_seq",
-            [group_id],
+            "UPDATE groups_group SET event_seq = event_seq + %s WHERE id = %s RETURNING event_seq",
+            [count, group_id],
         )
         row = cursor.fetchone()
     if row is None:
         raise ValueError(f"group {group_id} does not exist")
     return row[0]
+
+
+def _appended(event: Event) -> dict:
+    return {
+        "type": "event.appended",
+        "group_id": event.group_id,
+        "seq": event.seq,
+        "kind": event.kind,
+        "task_id": event.task_id,
+        "attempt_id": event.attempt_id,
+        "agent_id": event.agent_id,
+    }
 
 
 def event_append(
@@ -46,19 +60,54 @@ def event_append(
         actor_id=actor_id,
         payload=payload or {},
     )
+    broadcast_on_commit(group_channel(group_id), _appended(event))
+    return event
+
+
+def json_param(value) -> Value:
+    """A JSON value for bulk_create on PostgreSQL: as an expression it is sent as one
+    parameter per row. Plain values make Django insert through UNNEST with a jsonb[] array
+    literal, which psycopg escapes in Python, one regex call per quote: 2-3x slower for
+    JSON like a task's ranking."""
+    return Value(value, output_field=JSONField())
+
+
+def event_append_many(*, group_id: int, events: list[dict]) -> list[Event]:
+    """event_append for a batch of one group's events (each a dict of event_append's
+    keyword arguments but group_id): one seq bump for all, one insert, and after commit one
+    `events.appended` message naming the seq range. The same rules: inside the change's
+    transaction, after its other writes."""
+    if not transaction.get_connection().in_atomic_block:
+        raise RuntimeError("event_append_many must run inside the transaction of the change")
+    if not events:
+        return []
+    first = _next_seq(group_id, len(events)) - len(events) + 1
+    created = Event.objects.bulk_create(
+        Event(
+            group_id=group_id,
+            seq=first + i,
+            kind=event["kind"],
+            task_id=event.get("task_id"),
+            attempt_id=event.get("attempt_id"),
+            agent_id=event.get("agent_id"),
+            actor_id=event.get("actor_id"),
+            payload=json_param(event.get("payload") or {}),
+        )
+        for i, event in enumerate(events)
+    )
+    for event, given in zip(created, events, strict=True):
+        event.payload = given.get("payload") or {}
+    # One message for the batch: the group's sockets read the events from the database.
     broadcast_on_commit(
         group_channel(group_id),
         {
-            "type": "event.appended",
+            "type": "events.appended",
             "group_id": group_id,
-            "seq": event.seq,
-            "kind": kind,
-            "task_id": task_id,
-            "attempt_id": attempt_id,
-            "agent_id": agent_id,
+            "first_seq": first,
+            "last_seq": created[-1].seq,
         },
     )
-    return event
+    return created
 
 
 def process_beat_record(*, name: str) -> None:

@@ -7,7 +7,8 @@ beats by mistake, or killing a worker halfway, changes nothing twice.
 1. `agents_sweep_silent`: an agent whose socket closed (suspect) and did not come back
    within its group's reconnect grace goes offline and loses its attempts now, without
    waiting for their leases. An agent that stopped heartbeating for a whole lease goes
-   offline too, so it gets no new offers.
+   offline too, so it gets no new offers; if its socket was still open and it heartbeats
+   again, it comes back online (`agent_heartbeat`).
 2. `attempts_sweep_expired`: an attempt whose lease (or offer deadline) passed is lost.
 
 A lost attempt fences its holder (its writes are stale from then on), sends the task back to
@@ -29,12 +30,17 @@ from apps.tasks.services import attempt_lose
 MIN_SILENCE = timedelta(seconds=1)
 
 
-def _agent_offline(agent: Agent, *, reason: str) -> bool:
+def _agent_offline(agent: Agent, *, reason: str, keep_connection: bool = False) -> bool:
+    """keep_connection: the socket may still be open (the agent went quiet, it did not
+    hang up), so heartbeats arriving on it later bring the agent back (agent_heartbeat)."""
     with transaction.atomic():
         updated = (
-            Agent.objects.filter(id=agent.id, status=agent.status)
+            Agent.objects.filter(id=agent.id, status=agent.status, connection=agent.connection)
             .exclude(status=AgentStatus.OFFLINE)
-            .update(status=AgentStatus.OFFLINE, connection="")
+            .update(
+                status=AgentStatus.OFFLINE,
+                connection=agent.connection if keep_connection else "",
+            )
         )
         if updated:
             event_append(
@@ -70,7 +76,9 @@ def agents_sweep_silent() -> int:
     )
     for agent in quiet:
         if agent.last_heartbeat_at + timedelta(seconds=agent.group.lease_timeout_s) <= now:
-            _agent_offline(agent, reason="no heartbeat for a whole lease")
+            # A draining agent stays offline for good; others come back if they heartbeat.
+            keep = agent.status != AgentStatus.DRAINING
+            _agent_offline(agent, reason="no heartbeat for a whole lease", keep_connection=keep)
     return lost
 
 

@@ -1,20 +1,22 @@
 """Matching ready tasks to agents (the sweepers that return work to the pool are in
 apps/tasks/failover.py).
 
-`tasks_match` reads the ready queue and the available agents, ranks candidates, and claims
-each task with `task_assign` (a compare-and-set on the task, a row lock on the agent), so
-any number of matchers may run at once: a lost race is skipped, never doubled.
+`tasks_match` reads the available agents and the ready queue, ranks candidates, and claims
+its whole batch with `tasks_assign_many` (compare-and-set on the tasks, capacity counted
+under the agents' row locks), so any number of matchers may run at once: a lost race is
+skipped, never doubled.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
+from django.db import transaction
 from django.db.models import Count, Q
 from django.utils import timezone
 
 from apps.devices.models import Agent, AgentStatus
 from apps.tasks.models import LIVE_ATTEMPT_STATUSES, Attempt, AttemptStatus, Task, TaskStatus
-from apps.tasks.services import task_assign
+from apps.tasks.services import tasks_assign_many
 from claw.errors import DomainError
 
 DECLINE_EXCLUSION = timedelta(seconds=60)
@@ -25,6 +27,14 @@ MAX_CANDIDATES_RECORDED = 10
 class Candidate:
     agent: Agent
     live: int
+    rates: dict[tuple[str, ...], float] = field(default_factory=dict)
+
+    def rate(self, toolkits: list[str]) -> float:
+        """The agent's track record for these toolkits, rounded (computed once per call)."""
+        key = tuple(toolkits)
+        if key not in self.rates:
+            self.rates[key] = round(self.agent.success_rate_for(toolkits), 3)
+        return self.rates[key]
 
     @property
     def free(self) -> int:
@@ -36,37 +46,45 @@ class Candidate:
 
 
 def _available_agents(group_id: int) -> list[Candidate]:
-    agents = (
+    agents = list(
         Agent.objects.filter(
             group_id=group_id,
             status__in=[AgentStatus.ONLINE, AgentStatus.BUSY],
             device__revoked_at=None,
             device__draining=False,
         )
-        .annotate(live=Count("attempts", filter=Q(attempts__status__in=LIVE_ATTEMPT_STATUSES)))
+        .defer("tool_schemas")
         .order_by("id")
     )
-    return [Candidate(agent=a, live=a.live) for a in agents if a.live < a.capacity]
-
-
-def _failed_devices(task_ids: list[int]) -> dict[int, set[int]]:
-    """Devices whose attempts at each task failed or were lost: retries go elsewhere."""
-    failed: dict[int, set[int]] = {}
-    rows = Attempt.objects.filter(
-        task_id__in=task_ids, status__in=[AttemptStatus.FAILED, AttemptStatus.LOST]
-    ).values_list("task_id", "device_id")
-    for task_id, device_id in rows:
-        failed.setdefault(task_id, set()).add(device_id)
-    return failed
-
-
-def _recent_decliners(task_ids: list[int]) -> set[tuple[int, int]]:
-    since = timezone.now() - DECLINE_EXCLUSION
-    return set(
+    # Live attempts only (the (agent, status) index), not every attempt the agents ever had.
+    live = dict(
         Attempt.objects.filter(
-            task_id__in=task_ids, status=AttemptStatus.DECLINED, ended_at__gte=since
-        ).values_list("task_id", "agent_id")
+            agent_id__in=[a.id for a in agents], status__in=LIVE_ATTEMPT_STATUSES
+        )
+        .values("agent_id")
+        .annotate(n=Count("id"))
+        .values_list("agent_id", "n")
     )
+    candidates = [Candidate(agent=a, live=live.get(a.id, 0)) for a in agents]
+    return [c for c in candidates if c.free > 0]
+
+
+def _history(task_ids: list[int]) -> tuple[dict[int, set[int]], set[tuple[int, int]]]:
+    """For each task, the devices whose attempts at it failed or were lost (retries go
+    elsewhere), and the (task, agent) pairs declined in the last DECLINE_EXCLUSION."""
+    since = timezone.now() - DECLINE_EXCLUSION
+    failed: dict[int, set[int]] = {}
+    decliners: set[tuple[int, int]] = set()
+    rows = Attempt.objects.filter(
+        task_id__in=task_ids,
+        status__in=[AttemptStatus.FAILED, AttemptStatus.LOST, AttemptStatus.DECLINED],
+    ).values_list("task_id", "device_id", "agent_id", "status", "ended_at")
+    for task_id, device_id, agent_id, status, ended_at in rows:
+        if status != AttemptStatus.DECLINED:
+            failed.setdefault(task_id, set()).add(device_id)
+        elif ended_at is not None and ended_at >= since:
+            decliners.add((task_id, agent_id))
+    return failed, decliners
 
 
 def _rank(
@@ -79,7 +97,7 @@ def _rank(
             (
                 (
                     c.agent.device_id in avoid_devices,
-                    -round(c.agent.success_rate_for(toolkits), 3),
+                    -c.rate(toolkits),
                     round(c.load, 3),
                     c.agent.id,
                 ),
@@ -110,7 +128,7 @@ def _choice(
                 "agent_id": c.agent.id,
                 "name": c.agent.name,
                 "device_id": c.agent.device_id,
-                "success_rate": round(c.agent.success_rate_for(toolkits), 3),
+                "success_rate": c.rate(toolkits),
                 "load": round(c.load, 3),
                 "avoided_device": c.agent.device_id in avoid_devices,
             }
@@ -119,22 +137,12 @@ def _choice(
     }
 
 
-def tasks_match(*, group_id: int, limit: int = 200) -> list[int]:
-    """Assign the group's ready tasks (highest priority, then oldest first) to the best
-    available agents. Returns the ids of the attempts offered."""
-    candidates = _available_agents(group_id)
-    if not candidates:
-        return []
-    now = timezone.now()
-    ready = list(
-        Task.objects.filter(group_id=group_id, status=TaskStatus.READY)
-        .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
-        .order_by("-priority", "created_at", "id")[:limit]
-    )
-    task_ids = [t.id for t in ready]
-    failed_devices = _failed_devices(task_ids)
-    decliners = _recent_decliners(task_ids)
-    offered = []
+def _plan(ready: list[Task], candidates: list[Candidate]) -> list[tuple[int, int, dict]]:
+    """(task id, agent id, choice) for each ready task some candidate can take, best agent
+    first, counting each offer against the agent's free capacity as it goes."""
+    failed_devices, decliners = _history([t.id for t in ready])
+    plan = []
+    free = sum(c.free for c in candidates)
     for task in ready:
         capable = [
             c
@@ -147,23 +155,40 @@ def tasks_match(*, group_id: int, limit: int = 200) -> list[int]:
             continue
         avoid = failed_devices.get(task.id, set())
         ranked = _rank(capable, avoid, task.required_toolkits)
-        for _, candidate in ranked:
-            try:
-                attempt = task_assign(
-                    task_id=task.id,
-                    agent_id=candidate.agent.id,
-                    choice=_choice(ranked, avoid, task.required_toolkits),
-                )
-            except DomainError as exc:
-                if exc.code == "not_ready":
-                    break  # another matcher took the task
-                continue  # the agent changed meanwhile; try the next one
-            candidate.live += 1
-            offered.append(attempt.id)
+        best = ranked[0][1]
+        plan.append((task.id, best.agent.id, _choice(ranked, avoid, task.required_toolkits)))
+        best.live += 1
+        free -= 1
+        if free <= 0:
             break
-        if not any(c.free > 0 for c in candidates):
-            break
-    return offered
+    return plan
+
+
+def tasks_match(*, group_id: int, limit: int = 200) -> list[int]:
+    """Assign the group's ready tasks (highest priority, then oldest first) to the best
+    available agents. Returns the ids of the attempts offered.
+
+    One transaction per call: the ready tasks are locked as they are read, skipping those
+    another matcher holds (so matchers running at once take different tasks instead of
+    racing for the same ones), then `tasks_assign_many` claims them all."""
+    candidates = _available_agents(group_id)
+    if not candidates:
+        return []
+    now = timezone.now()
+    with transaction.atomic():
+        ready = list(
+            Task.objects.select_for_update(skip_locked=True, no_key=True)
+            .defer("instructions", "steps", "result")
+            .filter(group_id=group_id, status=TaskStatus.READY)
+            .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
+            .order_by("-priority", "created_at", "id")[:limit]
+        )
+        plan = _plan(ready, candidates)
+        try:
+            attempts = tasks_assign_many(group_id=group_id, offers=plan)
+        except DomainError:
+            return []  # the batch rolled back; its tasks stay ready for the next round
+    return [attempt.id for attempt in attempts]
 
 
 def groups_with_ready_tasks() -> list[int]:

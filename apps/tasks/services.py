@@ -12,14 +12,14 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.files.storage import default_storage
 from django.db import IntegrityError, transaction
-from django.db.models import Max
+from django.db.models import Count, F, Max
 from django.utils import timezone
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from apps.devices.models import Agent, AgentStatus, Toolkit
 from apps.devices.services import agent_record_outcome
-from apps.events.broadcast import agent_channel, broadcast_on_commit
-from apps.events.services import event_append
+from apps.events.broadcast import agent_channel, broadcast_many_on_commit, broadcast_on_commit
+from apps.events.services import event_append, event_append_many, json_param
 from apps.groups.models import Group, Role
 from apps.groups.selectors import require_role
 from apps.tasks.models import (
@@ -219,12 +219,20 @@ def task_dependency_add(*, actor: AbstractBaseUser, task: Task, depends_on: Task
         )
 
 
-def request_matching(group_id: int) -> None:
-    """Ask a worker to match the group's ready tasks once this transaction commits (the
-    periodic sweep catches anything a lost message misses)."""
+def request_matching(group_id: int, *, after: timedelta | None = None) -> None:
+    """Ask a worker to match the group's ready tasks once this transaction commits, or
+    `after` that (when a retry's backoff ends; at most MAX_BACKOFF, well inside the Redis
+    broker's visibility timeout). The periodic sweep catches anything a lost message
+    misses."""
     from apps.tasks.tasks import match_group
 
-    transaction.on_commit(lambda: match_group.delay(group_id), robust=True)
+    if after is None:
+        transaction.on_commit(lambda: match_group.delay(group_id), robust=True)
+    else:
+        countdown = after.total_seconds() + 0.1  # never before the task's not_before
+        transaction.on_commit(
+            lambda: match_group.apply_async((group_id,), countdown=countdown), robust=True
+        )
 
 
 def _descendant_ids(task_id: int) -> list[int]:
@@ -328,8 +336,9 @@ def task_cancel(*, actor: AbstractBaseUser, task: Task, reason: str = "") -> lis
 
         checkpoints_cancel_for_tasks(task_ids=cancelled)
         blocked = _propagate_block(cancelled)
-        for attempt in live:
-            refresh_agent_load(attempt["agent_id"])
+        # Agents in id order, as the matcher locks them: two writers never wait on each other.
+        for agent_id in sorted({attempt["agent_id"] for attempt in live}):
+            refresh_agent_load(agent_id)
         _append_status_events(task.group_id, cancelled, TaskStatus.CANCELLED, reason=reason)
         _append_status_events(task.group_id, blocked, TaskStatus.BLOCKED)
         if live:
@@ -476,6 +485,122 @@ def task_assign(*, task_id: int, agent_id: int, choice: dict | None = None) -> A
     return attempt
 
 
+def tasks_assign_many(*, group_id: int, offers: list[tuple[int, int, dict]]) -> list[Attempt]:
+    """Offer several ready tasks of one group to agents in one transaction: task_assign for
+    the matcher's batches, with the same rules in the same lock order.
+
+    `offers` are (task_id, agent_id, choice), in the order the matcher ranked them. An offer
+    that no longer fits is left out and the rest go ahead: a task another claimer holds is
+    skipped rather than waited for (SKIP LOCKED), and an agent that went away or filled up
+    meanwhile gets only what its capacity allows, counted under its row lock. Agents are
+    locked in id order, so matchers never deadlock one another; the events come last and
+    the pushes go after commit. Returns the attempts made.
+    """
+    if not offers:
+        return []
+    now = timezone.now()
+    # No savepoint inside a caller's transaction (two round trips fewer per batch): a
+    # DomainError below rolls the caller's transaction back too.
+    with transaction.atomic(savepoint=False):
+        tasks = {
+            task_id: (epoch, toolkits)
+            for task_id, epoch, toolkits in Task.objects.select_for_update(
+                skip_locked=True, no_key=True
+            )
+            .filter(id__in=[o[0] for o in offers], group_id=group_id, status=TaskStatus.READY)
+            .values_list("id", "epoch", "required_toolkits")
+        }
+        offers = [o for o in offers if o[0] in tasks]
+        agents = {
+            agent.id: agent
+            for agent in Agent.objects.select_for_update(no_key=True, of=("self",))
+            .select_related("device", "group")
+            .filter(
+                id__in={o[1] for o in offers},
+                group_id=group_id,
+                status__in=[AgentStatus.ONLINE, AgentStatus.BUSY],
+                device__revoked_at=None,
+                device__draining=False,
+            )
+            .order_by("id")
+        }
+        live = dict(
+            Attempt.objects.filter(agent_id__in=list(agents), status__in=LIVE_ATTEMPT_STATUSES)
+            .values("agent_id")
+            .annotate(n=Count("id"))
+            .values_list("agent_id", "n")
+        )
+        kept, kept_ids = [], set()
+        for task_id, agent_id, choice in offers:
+            agent = agents.get(agent_id)
+            if agent is None or live.get(agent_id, 0) >= agent.capacity or task_id in kept_ids:
+                continue
+            if any(slug not in agent.toolkits for slug in tasks[task_id][1]):
+                continue
+            live[agent_id] = live.get(agent_id, 0) + 1
+            kept.append((task_id, agent, choice))
+            kept_ids.add(task_id)
+        if not kept:
+            return []
+        # Compare-and-set, as in task_assign (the rows are ours: it cannot miss).
+        claimed = Task.objects.filter(
+            id__in=[task_id for task_id, _, _ in kept], status=TaskStatus.READY
+        ).update(status=TaskStatus.ASSIGNED, epoch=F("epoch") + 1)
+        if claimed != len(kept):
+            raise InvalidTransition("Ready tasks changed under their locks.", code="not_ready")
+        attempts = Attempt.objects.bulk_create(
+            Attempt(
+                task_id=task_id,
+                agent=agent,
+                device_id=agent.device_id,
+                epoch=tasks[task_id][0] + 1,
+                lease_expires_at=now + timedelta(seconds=agent.group.lease_timeout_s),
+                choice=json_param(choice or {}),
+            )
+            for task_id, agent, choice in kept
+        )
+        for attempt, (_, _, choice) in zip(attempts, kept, strict=True):
+            attempt.choice = choice or {}
+        touched = {agent.id: agent for _, agent, _ in kept}
+        full = [a for a in touched if live[a] >= touched[a].capacity]
+        if full:
+            Agent.objects.filter(id__in=full, status=AgentStatus.ONLINE).update(
+                status=AgentStatus.BUSY
+            )
+        if len(full) < len(touched):
+            Agent.objects.filter(
+                id__in=[a for a in touched if a not in full], status=AgentStatus.BUSY
+            ).update(status=AgentStatus.ONLINE)
+        # The offers go out first (the agents wait for them), then the events.
+        broadcast_many_on_commit(
+            [
+                (
+                    agent_channel(attempt.agent_id),
+                    {"type": "attempt.offered", "attempt_id": attempt.id, "epoch": attempt.epoch},
+                )
+                for attempt in attempts
+            ]
+        )
+        event_append_many(
+            group_id=group_id,
+            events=[
+                {
+                    "kind": "task.assigned",
+                    "task_id": attempt.task_id,
+                    "attempt_id": attempt.id,
+                    "agent_id": attempt.agent_id,
+                    "payload": {
+                        "epoch": attempt.epoch,
+                        "device_id": attempt.device_id,
+                        "choice": attempt.choice,
+                    },
+                }
+                for attempt in attempts
+            ],
+        )
+    return attempts
+
+
 def _fenced_attempt(
     *, attempt_id: int, agent: Agent, epoch: int, statuses: Iterable[str]
 ) -> Attempt:
@@ -579,6 +704,9 @@ def attempt_complete(*, attempt_id: int, agent: Agent, epoch: int, result: Any) 
         refresh_agent_load(agent.id)
         released = _release_dependents(attempt.task_id)
         group_id = attempt.task.group_id
+        # Released dependents, and the agent's freed capacity. Asked first, so that on
+        # commit the matcher is on its way before the events are broadcast.
+        request_matching(group_id)
         event_append(
             group_id=group_id,
             kind="task.succeeded",
@@ -588,7 +716,6 @@ def attempt_complete(*, attempt_id: int, agent: Agent, epoch: int, result: Any) 
             payload={"status": TaskStatus.SUCCEEDED, "epoch": epoch},
         )
         _append_status_events(group_id, released, TaskStatus.READY)
-        request_matching(group_id)  # released dependents, and the agent's freed capacity
     attempt.refresh_from_db()
     return attempt
 
@@ -641,7 +768,9 @@ def _end_attempt(
     _append_status_events(task.group_id, blocked, TaskStatus.BLOCKED)
     if retryable and out_of_attempts:
         _raise_exhausted_checkpoint(task=task, attempts=used, reason=reason)
-    request_matching(task.group_id)
+    request_matching(task.group_id)  # the agent's freed capacity
+    if not_before is not None:
+        request_matching(task.group_id, after=not_before - now)  # the task, when it may go
     return next_status
 
 
@@ -651,13 +780,14 @@ def retry_backoff(attempts_used: int) -> timedelta:
 
 
 def _raise_exhausted_checkpoint(*, task: Task, attempts: int, reason: str) -> None:
-    from apps.checkpoints.models import CheckpointSource
+    from apps.checkpoints.models import CheckpointKind, CheckpointSource
     from apps.checkpoints.services import checkpoint_raise
 
     checkpoint_raise(
         group=task.group,
         task=task,
         source=CheckpointSource.SYSTEM,
+        kind=CheckpointKind.MAX_ATTEMPTS,
         title=f"Task #{task.id} failed after {attempts} attempts",
         details=f"{task.title}\n\nLast failure: {reason[:1000]}",
         options=["retry", "reassign", "cancel"],
@@ -681,9 +811,15 @@ def attempt_fail(*, attempt_id: int, agent: Agent, epoch: int, error: str, retry
 
 def attempt_lose(*, attempt_id: int, reason: str) -> str | None:
     """The system gives up on a live attempt (lease expired, agent gone). Idempotent:
-    returns None when the attempt had already ended."""
+    returns None when the attempt had already ended, or when another transaction holds it
+    right now (another sweeper ending it, its agent finishing it or extending its lease):
+    the next sweep looks again. So overlapping sweeps never fail or queue on each other."""
     with transaction.atomic():
-        attempt = Attempt.objects.filter(id=attempt_id, status__in=LIVE_ATTEMPT_STATUSES).first()
+        attempt = (
+            Attempt.objects.select_for_update(no_key=True, skip_locked=True)
+            .filter(id=attempt_id, status__in=LIVE_ATTEMPT_STATUSES)
+            .first()
+        )
         if attempt is None:
             return None
         return _end_attempt(
