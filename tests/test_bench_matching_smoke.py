@@ -18,6 +18,7 @@ def test_the_matching_benchmark_runs_small_and_prints_its_summary():
     base = urllib.parse.urlparse(services_database_url())
     database = urllib.parse.urlunparse(base._replace(path=f"/claw_bench_match_{os.getpid()}"))
     command = [PYTHON, "-m", "tests.bench.matching", "--claims", "400", "--groups", "2"]
+    command += ["--rounds", "2"]
     command += ["--processes", "2", "--latency-iterations", "10", "--trials", "1"]
     command += ["--clean-trials", "1", "--pause-trials", "1", "--heartbeat-interval", "1"]
     command += ["--lease-timeout", "3", "--reconnect-grace", "1"]
@@ -28,8 +29,8 @@ def test_the_matching_benchmark_runs_small_and_prints_its_summary():
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-6000:]
     lines = result.stdout.splitlines()
-    rows = {line.split()[0]: line.split() for line in lines if line.split()[:1]}
-    assert rows["raw"][1] == rows["claw"][1] == "400", output  # every task claimed
+    rows = {m[1]: m[2] for m in re.finditer(r"^(raw|claw) +(\d+) ", result.stdout, re.M)}
+    assert rows == {"raw": "400", "claw": "400"}, output  # every task claimed
     assert any(line.startswith("claw/raw: ") for line in lines), output
     assert any(line.startswith("target claims: ") for line in lines), output
     assert re.search(r"^complete -> next assignment\s+10 ", result.stdout, re.M), output

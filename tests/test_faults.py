@@ -182,10 +182,15 @@ result = {"device_id": device.id, "token": token}
 CREATE_TASKS = """
 group = Group.objects.get(id=group_id)
 real_send = broadcast.send_now
+real_many = getattr(broadcast, "send_many_now", None)
 if drop_offer:
     broadcast.send_now = lambda to, message: (
         None if message.get("type") == "attempt.offered" else real_send(to, message)
     )
+    if real_many is not None:
+        broadcast.send_many_now = lambda messages: real_many(
+            [(to, m) for to, m in messages if m.get("type") != "attempt.offered"]
+        )
 result = []
 try:
     for i in range(count):
@@ -196,6 +201,8 @@ try:
         result.append(task.id)
 finally:
     broadcast.send_now = real_send
+    if real_many is not None:
+        broadcast.send_many_now = real_many
 """
 
 
