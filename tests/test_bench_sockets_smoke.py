@@ -15,8 +15,8 @@ pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 def test_the_socket_benchmark_runs_small_and_prints_its_table():
     base = urllib.parse.urlparse(services_database_url())
     database = urllib.parse.urlunparse(base._replace(path=f"/claw_bench_smoke_{os.getpid()}"))
-    command = [PYTHON, "-m", "tests.bench.sockets", "--agents", "20", "--duration", "2"]
-    command += ["--heartbeat-interval", "1", "--progress-agents", "4", "--progress-duration", "2"]
+    command = [PYTHON, "-m", "tests.bench.sockets", "--agents", "20", "--duration", "1"]
+    command += ["--heartbeat-interval", "1", "--progress-agents", "4", "--progress-duration", "1"]
     command += ["--database-url", database, "--redis-url", services_redis_url()]
     result = subprocess.run(
         command, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=110

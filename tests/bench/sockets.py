@@ -16,9 +16,13 @@ database with a group of N paired devices:
 The client is a separate process (asyncio + `websockets`), everything talks to 127.0.0.1,
 every wait is bounded, and every process started is stopped on the way out.
 
-    python -m tests.bench.sockets                                # full size, ~10 minutes
+    python -m tests.bench.sockets --ramp-timeout 600    # full size: 20-40 min on 2 cores
     python -m tests.bench.sockets --agents 500 --duration 20     # quicker
-    python -m tests.bench.sockets --servers daphne --no-echo
+    python -m tests.bench.sockets --agents 1000 --heartbeat-interval 2 --servers daphne \
+        --no-echo --profile     # 500 heartbeats/s without the long ramp; py-spy per phase
+Per server it also prints the server's CPU per heartbeat and per progress frame, its
+busiest threads, how many database connections were busy and how often they waited on a
+lock, and how many disconnects the server never recorded.
 """
 
 import argparse
@@ -76,6 +80,7 @@ class ClientStats:
     connect_failures: Counter = field(default_factory=Counter)
     connect_latencies: list[float] = field(default_factory=list)
     ramp_seconds: float = 0.0
+    ramp_connected: int = 0
     latencies: list[float] = field(default_factory=list)  # heartbeat or progress acks
     acks: int = 0
     errors: Counter = field(default_factory=Counter)
@@ -91,6 +96,7 @@ class ClientStats:
             "connected": self.connected,
             "connect_failures": dict(self.connect_failures),
             "ramp_seconds": self.ramp_seconds,
+            "ramp_connected": self.ramp_connected,
             "connect_p50": percentile(con, 50),
             "connect_p99": percentile(con, 99),
             "acks": self.acks,
@@ -192,8 +198,8 @@ async def connections_phase(cfg: dict) -> ClientStats:
     ramp_deadline = started + cfg["ramp_timeout"]
     next_report = started + 10
     while stats.connected + sum(stats.connect_failures.values()) < len(tasks):
-        if time.monotonic() > ramp_deadline:
-            stats.connect_failures["ramp_timeout"] += len(tasks) - stats.connected
+        if time.monotonic() > ramp_deadline:  # the rest may still connect during the hold
+            log(f"ramp deadline: {stats.connected} connected, the rest still trying")
             break
         if time.monotonic() > next_report:
             next_report += 10
@@ -201,6 +207,7 @@ async def connections_phase(cfg: dict) -> ClientStats:
             log(f"ramp: {stats.connected} connected, {failed} failed")
         await asyncio.sleep(0.1)
     stats.ramp_seconds = time.monotonic() - started
+    stats.ramp_connected = stats.connected
     log(f"ramp: {stats.connected}/{len(tasks)} connected in {stats.ramp_seconds:.1f}s")
     if cfg.get("marker"):  # tells the orchestrator's sampler that the hold starts now
         Path(cfg["marker"]).write_text("ramped")
@@ -559,7 +566,11 @@ def profiler(args, pid: int, out: Path, seconds: float):
     """py-spy recording the server (wall clock: idle threads included) while a phase runs."""
     if not args.profile:
         return None
-    command = [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid)]
+    spy = Path(sys.executable).parent / "py-spy"
+    if not spy.exists():
+        log("--profile needs py-spy (pip install py-spy); not profiling")
+        return None
+    command = [str(spy), "record", "--pid", str(pid)]
     command += ["--duration", str(max(1, int(seconds))), "--rate", "50", "--idle"]
     command += ["--threads", "--format", "raw", "--output", str(out)]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -761,12 +772,13 @@ def forget_redis_keys(redis_url: str, prefix: str) -> None:
 
 def check_targets(row: dict, args) -> list[str]:
     a, b = row["a"], row["b"]
-    closes = sum(a["unexpected_closes"].values()) + sum(a["connect_failures"].values())
+    closes = sum(a["unexpected_closes"].values()) + args.agents - a["connected"]
     return [
         f"agents {a['connected']}/{TARGETS['agents']}"
         + (" ok" if a["connected"] >= TARGETS["agents"] else " MISS"),
         f"RSS {row['rss_peak_mb']:.0f} MB" + (" ok" if row["rss_peak_mb"] <= 300 else " MISS"),
-        f"unexpected closes {closes}" + (" ok" if closes == 0 else " MISS"),
+        f"agents lost (never connected or closed by the server) {closes}"
+        + (" ok" if closes == 0 else " MISS"),
         f"progress {b['acks'] / b['seconds']:.0f}/s"
         + (" ok" if b["acks"] / b["seconds"] >= TARGETS["progress_per_s"] else " MISS"),
         f"p99 {ms(b['p99'])} ms" + (" ok" if b["p99"] * 1000 <= TARGETS["p99_ms"] else " MISS"),
@@ -776,15 +788,15 @@ def check_targets(row: dict, args) -> list[str]:
 def print_table(rows: list[dict], args) -> None:
     head = (
         f"{'server':8} {'agents':>11} {'conn/s':>7} {'rss idle':>8} {'rss peak':>8} "
-        f"{'closes':>6} {'hb p50/p99 ms':>13} | {'progress/s':>10} {'p50':>5} {'p95':>5} "
+        f"{'lost':>6} {'hb p50/p99 ms':>13} | {'progress/s':>10} {'p50':>5} {'p95':>5} "
         f"{'p99':>5} {'persisted':>9}"
     )
     print(head)
     print("-" * len(head))
     for row in rows:
         a, b = row["a"], row["b"]
-        closes = sum(a["unexpected_closes"].values()) + sum(a["connect_failures"].values())
-        rate = a["connected"] / a["ramp_seconds"] if a["ramp_seconds"] else 0
+        closes = sum(a["unexpected_closes"].values()) + args.agents - a["connected"]
+        rate = a["ramp_connected"] / a["ramp_seconds"] if a["ramp_seconds"] else 0
         persisted = row.get("persisted", "-")
         print(
             f"{row['server']:8} {a['connected']:>5}/{args.agents:<5} {rate:>7.0f} "
