@@ -141,6 +141,7 @@ INSTALLED_APPS = [
     "apps.tasks",
     "apps.checkpoints",
     "apps.events",
+    "apps.dashboard",
 ]
 
 MIDDLEWARE = [

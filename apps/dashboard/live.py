@@ -1,0 +1,61 @@
+"""The contract between the page socket and the pages it keeps live.
+
+Every dashboard page opens one websocket: `/ws/live/?page=NAME&group=SLUG[&task=ID]`
+(session auth, origin checked). The page renders `data-seq` = the group's event_seq at render
+time and, on every (re)connect, sends `{"type": "resume", "after": SEQ}` with the highest seq
+it has shown. From then on the consumer (apps.dashboard.consumers.LivePageConsumer):
+
+- loads the group's events after that seq from the database (the truth; the channel layer
+  only says "something happened"), at most RESYNC_AFTER of them;
+- coalesces bursts: it renders at most once per COALESCE_SECONDS, whatever arrived;
+- calls the page's renderer once with those events (or with `resync=True` and no events
+  when the gap is too big, so the renderer redraws everything it shows);
+- sends the returned fragments as one text frame. Each fragment carries an `id` and
+  `hx-swap-oob` (replace by id, or `beforeend:#list` for append-only streams with ids on
+  each row), so a duplicate is harmless and htmx swaps it in.
+
+The navigation's approvals badge (`#approvals-badge`) is rendered by the consumer itself
+whenever a checkpoint.* event arrives in any group of the user's.
+
+A renderer is registered with `@live_page("name")` in the module that owns the page. It
+runs in a worker thread (sync ORM is fine) and must keep its query count independent of
+the number of events and tasks.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from django.contrib.auth.models import AbstractBaseUser
+
+from apps.events.models import Event
+from apps.groups.models import Group
+
+COALESCE_SECONDS = 0.05
+RESYNC_AFTER = 500
+
+
+@dataclass
+class LiveContext:
+    user: AbstractBaseUser
+    group: Group
+    role: str
+    # Query parameters of the socket URL other than page and group (e.g. {"task": "12"}).
+    params: dict[str, str]
+    # New events since the last render, in seq order; empty on resync.
+    events: list[Event] = field(default_factory=list)
+    resync: bool = False
+
+
+LiveRenderer = Callable[[LiveContext], list[str]]
+
+PAGES: dict[str, LiveRenderer] = {}
+
+
+def live_page(name: str) -> Callable[[LiveRenderer], LiveRenderer]:
+    def register(renderer: LiveRenderer) -> LiveRenderer:
+        if name in PAGES:
+            raise ValueError(f"live page {name!r} is registered twice")
+        PAGES[name] = renderer
+        return renderer
+
+    return register

@@ -1,0 +1,1 @@
+"""Dashboard pages: the task board, task creation and task detail."""

@@ -1,0 +1,1 @@
+"""Dashboard pages: groups, members, invites, tokens, overview, agents & devices, approvals."""
