@@ -24,6 +24,7 @@ the number of events and tasks.
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import urlencode
 
 from django.contrib.auth.models import AbstractBaseUser
 
@@ -59,3 +60,14 @@ def live_page(name: str) -> Callable[[LiveRenderer], LiveRenderer]:
         return renderer
 
     return register
+
+
+def live_context(*, page: str, group: Group, **params: object) -> dict:
+    """Template context for a live page: the socket URL and the seq the page is rendered at.
+    Call it before reading what the page shows, so nothing committed in between is missed
+    (a duplicate is harmless; a gap is not)."""
+    if page not in PAGES:
+        raise ValueError(f"no live page {page!r}")
+    seq = Group.objects.filter(id=group.id).values_list("event_seq", flat=True)[0]
+    query = urlencode({"page": page, "group": group.slug, **params})
+    return {"live_url": f"/ws/live/?{query}", "live_seq": seq}
