@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: up test lint format bench clean
+.PHONY: up test lint format bench clean browser
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Claw needs Python 3.11 (set PYTHON=/path/to/python3.11)")'
@@ -33,7 +33,23 @@ format: $(VENV)/.dev-installed
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-test: lint
+# The browser tests (tests/test_browser.py) drive Debian's Chromium through Playwright, which
+# never downloads a browser of its own. Installed once via apt (sudo when not root); a machine
+# without apt gets a note, and the tests skip (or fail under CLAW_TEST_SERVICES=require).
+browser:
+	@[ -x /usr/bin/chromium ] || { \
+	  if command -v apt-get >/dev/null; then \
+	    sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	    echo "installing Debian's chromium for the browser tests"; \
+	    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null && \
+	    $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      chromium >/dev/null || echo "warning: could not install chromium" >&2; \
+	  else \
+	    echo "warning: no /usr/bin/chromium and no apt-get: the browser tests skip" >&2; \
+	  fi; \
+	}
+
+test: lint browser
 	CLAW_TEST_SERVICES=off DJANGO_SETTINGS_MODULE=tests.settings $(BIN)/python manage.py makemigrations --check --dry-run
 	$(BIN)/pytest $(PYTEST_ARGS)
 

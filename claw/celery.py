@@ -20,3 +20,6 @@ def schedule_periodic_tasks(sender: Celery, **kwargs) -> None:
     # normally runs on commit, and this sweep is its safety net.
     sender.add_periodic_task(1.0, sender.signature("claw.sweep_leases"), name="sweep leases")
     sender.add_periodic_task(2.0, sender.signature("claw.match_all"), name="match all groups")
+    sender.add_periodic_task(
+        5.0, sender.signature("claw.sweep_checkpoints"), name="sweep checkpoints"
+    )

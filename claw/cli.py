@@ -63,6 +63,13 @@ def _banner(*, mode: str, url: str, demo) -> str:
     return "\n".join(lines)
 
 
+# How long Daphne lets a closed socket's consumer finish before it kills it (default 10 s).
+# When thousands of agents drop at once, their disconnect handlers queue for the database
+# (each records the agent as suspect) and the channel layer's shared receiver waits out its
+# blocking pop: killed, the agent stays "online" until the silence sweeper notices.
+APPLICATION_CLOSE_TIMEOUT_S = 60
+
+
 def _serve_embedded(*, host: str, port: int, banner: str, on_ready=None, before_stop=None) -> int:
     import asyncio
 
@@ -100,6 +107,7 @@ def _serve_embedded(*, host: str, port: int, banner: str, on_ready=None, before_
         endpoints=build_endpoint_description_strings(host=host, port=port),
         signal_handlers=True,  # SIGINT/SIGTERM stop the reactor; run() then returns
         websocket_max_message_size=MAX_FRAME_BYTES,
+        application_close_timeout=APPLICATION_CLOSE_TIMEOUT_S,
         ready_callable=ready,
     )
     try:
@@ -122,6 +130,7 @@ def _service_commands(*, host: str, port: int, concurrency: int) -> dict[str, li
     python = sys.executable
     celery = [python, "-m", "celery", "-A", "claw"]
     daphne_limits = ["--websocket-max-message-size", str(MAX_FRAME_BYTES)]
+    daphne_limits += ["--application-close-timeout", str(APPLICATION_CLOSE_TIMEOUT_S)]
     asgi = "claw.asgi:application"
     return {
         "web": [python, "-m", "daphne", "-b", host, "-p", str(port), *daphne_limits, asgi],

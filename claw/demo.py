@@ -206,9 +206,8 @@ class DemoAgents:
                 if statuses == {TaskStatus.SUCCEEDED}:
                     print(
                         f"claw: {DEMO_COMPLETE}: three agents on three devices ran the demo "
-                        f"graph. Look at {self.server_url}api/v1/groups/{self.demo.group.slug}"
-                        f"/events or {self.server_url}admin/tasks/task/ (signed in as "
-                        f"{self.demo.username}).",
+                        f"graph. Watch it in the dashboard at {self.server_url}g/"
+                        f"{self.demo.group.slug}/tasks/ (signed in as {self.demo.username}).",
                         flush=True,
                     )
                     return

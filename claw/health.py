@@ -11,6 +11,7 @@ from django.http import HttpRequest, JsonResponse
 from django.utils import timezone
 
 from apps.events.models import ProcessBeat
+from apps.llm.services import llm_status
 from claw.celery import app as celery_app
 
 
@@ -76,6 +77,20 @@ def _beat() -> dict:
     return {"last_tick": beat.last_seen_at.isoformat(), "age_s": round(age, 1)}
 
 
+def _llm() -> dict:
+    """The model backend as the gateway last saw it (apps.llm.services.llm_status): never
+    a call to the backend, so /healthz stays fast. Advisory: a backend that is down makes
+    this entry not ok but leaves /healthz at 200, since the server itself is fine."""
+    status = llm_status()
+    if status["configured"] and status["reachable"] is False:
+        return {**status, "ok": False, "error": status["last_error"] or "unreachable"}
+    return status
+
+
+# Reported, but not part of the overall status.
+ADVISORY = {"llm"}
+
+
 def healthz(request: HttpRequest) -> JsonResponse:
     components = {
         "database": _check(_database),
@@ -83,8 +98,9 @@ def healthz(request: HttpRequest) -> JsonResponse:
         "broker": _check(_broker),
         "workers": _check(_workers),
         "beat": _check(_beat),
+        "llm": _check(_llm),
     }
-    ok = all(c["ok"] for c in components.values())
+    ok = all(c["ok"] for name, c in components.items() if name not in ADVISORY)
     body = {
         "status": "ok" if ok else "degraded",
         "mode": "embedded" if settings.EMBEDDED else "services",

@@ -11,7 +11,15 @@ import json
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    TypeAdapter,
+    ValidationError,
+    model_serializer,
+)
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
@@ -156,6 +164,20 @@ class TaskSpec(Frame):
     required_toolkits: list[str]
     parent_id: int | None
     root_id: int | None
+    feedback: str | None = Field(
+        default=None,
+        description="A reviewer asked for changes to an earlier result of this task: their "
+        "note, as new input for this attempt. Sent only when there is one.",
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_empty_feedback(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Absent rather than null when there is none, so frames for tasks without feedback
+        # stay exactly what agents built before the field existed accept.
+        data = handler(self)
+        if data.get("feedback") is None:
+            data.pop("feedback", None)
+        return data
 
 
 class Assignment(Frame):

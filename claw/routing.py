@@ -2,6 +2,7 @@ from channels.auth import AuthMiddlewareStack
 from channels.security.websocket import AllowedHostsOriginValidator
 from django.urls import path
 
+from apps.dashboard.consumers import LivePageConsumer
 from apps.devices.consumers import AgentConsumer
 from apps.events.consumers import GroupEventsConsumer
 
@@ -15,4 +16,6 @@ def browser(consumer):
 websocket_urlpatterns = [
     path("ws/agent/", AgentConsumer.as_asgi()),
     path("ws/groups/<slug:slug>/events/", browser(GroupEventsConsumer.as_asgi())),
+    # Dashboard pages: ?page=NAME&group=SLUG[&…] (the contract: apps.dashboard.live).
+    path("ws/live/", browser(LivePageConsumer.as_asgi())),
 ]

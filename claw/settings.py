@@ -44,6 +44,19 @@ def env_int(name: str, default: int, *, minimum: int = 0) -> int:
     return value
 
 
+def env_float(name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number, got {raw!r}") from None
+    if value < minimum:
+        raise ImproperlyConfigured(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
 def env_list(name: str, default: list[str]) -> list[str]:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
@@ -142,6 +155,7 @@ INSTALLED_APPS = [
     "apps.checkpoints",
     "apps.events",
     "apps.dashboard",
+    "apps.llm",
 ]
 
 MIDDLEWARE = [
@@ -272,6 +286,19 @@ STORAGES = {
 CLAW_ARTIFACT_MAX_BYTES = env_int("CLAW_ARTIFACT_MAX_BYTES", 50 * 1024 * 1024, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+
+# The model backend (claw.llm): any OpenAI-compatible endpoint, e.g. a self-hosted SGLang
+# serving Kimi K2.6 or Moonshot's API. Empty base URL = no model configured.
+CLAW_LLM_BASE_URL = env_str("CLAW_LLM_BASE_URL")
+CLAW_LLM_API_KEY = env_str("CLAW_LLM_API_KEY")
+CLAW_LLM_MODEL = env_str("CLAW_LLM_MODEL", "kimi-k2.6")
+# K2.6 is tuned for temperature 1.0; other models may want their own.
+CLAW_LLM_TEMPERATURE = env_float("CLAW_LLM_TEMPERATURE", 1.0)
+CLAW_LLM_CONNECT_TIMEOUT_S = env_int("CLAW_LLM_CONNECT_TIMEOUT_S", 10, minimum=1)
+# Long generations: a read timeout (between bytes), not a total one.
+CLAW_LLM_READ_TIMEOUT_S = env_int("CLAW_LLM_READ_TIMEOUT_S", 300, minimum=1)
+# Few retries: a retried timeout re-runs the whole generation on the GPUs.
+CLAW_LLM_MAX_RETRIES = env_int("CLAW_LLM_MAX_RETRIES", 1)
 
 if PRODUCTION:
     SECURE_SSL_REDIRECT = env_bool("CLAW_SECURE_SSL_REDIRECT", True)

@@ -1,12 +1,10 @@
-"""The signed-in home page: a placeholder listing the user's groups."""
+"""The site root: signed-in people land on their groups (the dashboard)."""
 
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
-from django.shortcuts import render
-
-from apps.groups.selectors import groups_for_user
+from django.shortcuts import redirect
 
 
 @login_required
 def home(request: HttpRequest) -> HttpResponse:
-    return render(request, "home.html", {"groups": groups_for_user(user=request.user)})
+    return redirect("dashboard:groups")

@@ -327,7 +327,9 @@ def link(world, monkeypatch):
 # --- strategies --------------------------------------------------------------------------
 
 client_ids = st.from_regex(r"\A[A-Za-z0-9_.:-]{0,30}\Z").map(fresh_id)
-storable_text = st.text(st.characters(exclude_characters="\x00"), max_size=40)
+storable_text = st.text(
+    st.characters(exclude_characters="\x00", exclude_categories=["Cs"]), max_size=40
+)
 storable_json = st.recursive(
     st.none()
     | st.booleans()
@@ -653,8 +655,16 @@ def valid_frames(draw, w: World) -> dict:
         return {"type": "heartbeat", "id": frame_id}
     if kind == "seen":
         return {"type": "decision_received", "id": frame_id, "checkpoint_id": w.checkpoint}
-    title = draw(st.text(st.characters(exclude_characters="\x00"), min_size=1, max_size=200))
-    options = st.text(st.characters(exclude_characters="\x00"), max_size=100)
+    title = draw(
+        st.text(
+            st.characters(exclude_characters="\x00", exclude_categories=["Cs"]),
+            min_size=1,
+            max_size=200,
+        )
+    )
+    options = st.text(
+        st.characters(exclude_characters="\x00", exclude_categories=["Cs"]), max_size=100
+    )
     return {
         "type": "checkpoint_request",
         "id": frame_id,

@@ -4,6 +4,7 @@ Outsiders get 404 (they may not learn that a group or its objects exist), member
 the needed role get 403, callers without credentials get 401."""
 
 import pytest
+from django.test import override_settings
 
 from tests.test_api_support import PERSONAS, client_for, make_world, send, upload
 
@@ -23,6 +24,13 @@ SIGNED_IN = codes(200, 200, 200, 200, outsider=200)
 READ = codes(200, 200, 200, 200)
 OWNER = codes(200, 403, 403, 403)
 MEMBER = codes(200, 200, 200, 403)
+
+
+def _plan(client, task_id: int):
+    """Planning needs a configured model; nothing answers, as the request only enqueues."""
+    with override_settings(CLAW_LLM_BASE_URL="http://127.0.0.1:9/v1"):
+        return send(client, "POST", f"/tasks/{task_id}/plan", None)
+
 
 # (endpoint, request builder (world, personas, user) -> (method, path, body) or a callable
 #  taking the client, expected status per persona)
@@ -138,6 +146,20 @@ ENDPOINTS = [
         "POST /checkpoints/{checkpoint_id}/decide",
         lambda w, p, u: ("POST", f"/checkpoints/{w.checkpoint.id}/decide", {"verdict": "approve"}),
         codes(200, 200, 403, 403),
+    ),
+    (
+        "PUT /checkpoints/{checkpoint_id}/proposal",
+        lambda w, p, u: (
+            "PUT",
+            f"/checkpoints/{w.plan.id}/proposal",
+            {"proposal": {"summary": "One step", "tasks": [{"title": "Write it"}]}},
+        ),
+        MEMBER,
+    ),
+    (
+        "POST /tasks/{task_id}/plan",
+        lambda w, p, u: lambda client: _plan(client, w.task.id),
+        codes(202, 202, 202, 403),
     ),
     (
         "GET /groups/{slug}/events",

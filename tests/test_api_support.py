@@ -96,6 +96,18 @@ class World:
         )
 
     @cached_property
+    def plan(self):
+        """A pending plan checkpoint on `task`, as the planner raises it."""
+        return checkpoint_raise(
+            group=self.p.group,
+            title="Plan: Write the report",
+            source="planner",
+            kind="plan",
+            task=self.task,
+            proposal={"summary": "Two steps", "tasks": [{"title": "Outline"}]},
+        )
+
+    @cached_property
     def artifact(self):
         return artifact_create(
             task=self.task,

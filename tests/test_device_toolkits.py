@@ -339,6 +339,7 @@ class ScriptedSession:
         self.decisions = decisions or {}
         self.reject = reject or {}
         self.confirmed: list[int] = []
+        self.asked = 0
 
     async def request(self, model, **fields):
         kind = model.model_fields["type"].annotation.__args__[0]
@@ -350,7 +351,11 @@ class ScriptedSession:
         return {"checkpoint_id": 41} if kind == "checkpoint_request" else {}
 
     async def wait_decision(self, checkpoint_id):
-        return protocol.Decision(checkpoint_id=checkpoint_id, attempt_id=5, **self.decisions)
+        # A list of decisions is answered in turn (the last one repeats).
+        decisions = self.decisions if isinstance(self.decisions, list) else [self.decisions]
+        fields = decisions[min(self.asked, len(decisions) - 1)]
+        self.asked += 1
+        return protocol.Decision(checkpoint_id=checkpoint_id, attempt_id=5, **fields)
 
     async def confirm_decision(self, checkpoint_id):
         self.confirmed.append(checkpoint_id)
@@ -407,7 +412,7 @@ def test_steps_run_in_order_with_one_progress_frame_each_then_complete(ctx):
     ("decision", "error"),
     [
         ({"status": "rejected", "note": "too risky"}, "checkpoint rejected: too risky"),
-        ({"status": "changes_requested", "note": "use v2"}, "changes requested: use v2"),
+        ({"status": "expired", "note": ""}, "checkpoint expired"),
     ],
 )
 def test_a_checkpoint_that_is_not_approved_fails_the_attempt_for_good(ctx, decision, error):
@@ -416,6 +421,31 @@ def test_a_checkpoint_that_is_not_approved_fails_the_attempt_for_good(ctx, decis
     assert asyncio.run(_runner(steps, session, ctx).run()) == "failed"
     kind, fail = session.frames[-1]
     assert kind == "fail" and fail["retryable"] is False and error in fail["error"]
+
+
+def test_requested_changes_reach_the_steps_as_new_input_and_the_checkpoint_asks_again(ctx):
+    session = ScriptedSession(
+        decisions=[{"status": "changes_requested", "note": "use v2"}, {"status": "approved"}]
+    )
+    steps = [
+        {"tool": "checkpoint", "args": {"title": "Go?"}},
+        {"tool": "shell", "args": {"cmd": "true"}},
+    ]
+    runner = _runner(steps, session, ctx)
+    assert asyncio.run(runner.run()) == "succeeded"
+    assert runner.feedback == ["use v2"]
+    logged = [f["data"] for k, f in session.frames if k == "progress" and f["kind"] == "log"]
+    assert logged[0]["changes_requested"] == "use v2" and logged[0]["round"] == 1
+    asks = [fields for kind, fields in session.frames if kind == "checkpoint_request"]
+    assert len(asks) == 2 and "use v2" in asks[1]["details"]
+
+
+def test_endless_change_requests_fail_the_attempt_after_a_few_rounds(ctx):
+    session = ScriptedSession(decisions={"status": "changes_requested", "note": "again"})
+    steps = [{"tool": "checkpoint", "args": {"title": "Go?"}}]
+    assert asyncio.run(_runner(steps, session, ctx).run()) == "failed"
+    kind, fail = session.frames[-1]
+    assert kind == "fail" and fail["retryable"] is False and "changes requested" in fail["error"]
 
 
 def test_a_timed_out_step_fails_retryably_and_a_stale_attempt_stops_quietly(ctx):

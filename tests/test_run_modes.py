@@ -73,7 +73,7 @@ def test_embedded_mode_serves_runs_worker_and_beat_and_stops_on_sigterm(embedded
 
         browser.sign_in(username, password)
         status, page, url = browser.get("/")
-        assert status == 200 and url == base + "/"
+        assert status == 200 and url == base + "/groups/"
         assert "Demo group" in page
 
         status, script, _ = browser.get("/static/vendor/htmx-2.0.4.min.js")
@@ -242,7 +242,7 @@ def test_without_a_running_home_loop_the_layer_is_the_plain_in_memory_one():
 def test_home_lists_only_the_signed_in_users_groups_and_sign_out_returns_to_login(client, personas):
     assert client.get("/").url == "/login/?next=/"
     client.force_login(personas.outsider)
-    page = client.get("/").content.decode()
+    page = client.get("/", follow=True).content.decode()
     assert "Elsewhere" in page and "Research" not in page
     assert client.get("/login/").url == "/"  # already signed in
 

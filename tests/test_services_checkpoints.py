@@ -276,3 +276,40 @@ def test_giving_up_leaves_the_task_failed(personas, exhausted):
     )
     exhausted.task.refresh_from_db()
     assert (exhausted.task.status, status_of(exhausted)) == ("failed", "approved")
+
+
+def test_checkpoints_take_the_groups_defaults_unless_they_set_their_own(personas, running):
+    from apps.groups.services import group_update_policies
+
+    group_update_policies(
+        actor=personas.owner,
+        group=personas.group,
+        checkpoint_required_approvals=3,
+        checkpoint_decider_role="owner",
+        checkpoint_expiry_s=600,
+        checkpoint_expiry_action="escalate",
+    )
+    personas.group.refresh_from_db()
+    inherited = raise_for(personas, running)
+    own = raise_for(personas, running, required_approvals=1, decider_role="approver")
+
+    assert (inherited.required_approvals, inherited.decider_role, inherited.expiry_action) == (
+        3,
+        "owner",
+        "escalate",
+    )
+    assert 590 <= (inherited.expires_at - timezone.now()).total_seconds() <= 600
+    assert (own.required_approvals, own.decider_role) == (1, "approver")
+    raised = Event.objects.filter(kind="checkpoint.raised").order_by("seq").first()
+    assert raised.payload["required_approvals"] == 3 and raised.payload["decider_role"] == "owner"
+
+
+def test_the_sweep_expires_only_what_is_due(personas, running):
+    from apps.checkpoints.services import checkpoints_sweep_expired
+
+    soon = raise_for(personas, running, expires_at=timezone.now() + timedelta(minutes=5))
+    later = raise_for(personas, running, expires_at=timezone.now() + timedelta(hours=5))
+    never = raise_for(personas, running)
+    with time_machine.travel(timezone.now() + timedelta(minutes=6)):
+        assert checkpoints_sweep_expired() == 1
+    assert [status_of(c) for c in (soon, later, never)] == ["expired", "pending", "pending"]

@@ -1,6 +1,7 @@
 """Checkpoints: pauses that need a human decision."""
 
 from datetime import datetime
+from typing import Any
 
 from django.http import HttpRequest
 from ninja import Field, Query, Router, Schema
@@ -17,6 +18,7 @@ from apps.checkpoints.services import checkpoint_decide
 from apps.groups.api import InSchema
 from apps.groups.models import Role
 from apps.groups.selectors import group_get_for_user
+from apps.tasks.planner import plan_edit
 
 router = Router()
 
@@ -43,6 +45,9 @@ class CheckpointOut(Schema):
     status: CheckpointStatus
     created_at: datetime
     resolved_at: datetime | None
+    proposal: dict[str, Any] | None = Field(
+        None, description="A plan checkpoint's proposed tasks (kind plan)."
+    )
 
 
 class CheckpointPage(Schema):
@@ -109,4 +114,21 @@ def checkpoint_decide_view(request: HttpRequest, checkpoint_id: int, payload: De
         option=payload.option,
         assign_to=payload.assign_to,
     )
+    return checkpoint_get_for_user(user=request.auth, checkpoint_id=checkpoint_id)
+
+
+class ProposalIn(InSchema):
+    proposal: dict[str, Any] = Field(
+        description='{"summary", "tasks": [{"key", "title", "instructions", '
+        '"required_toolkits", "depends_on", "acceptance_criteria"}]}'
+    )
+
+
+@router.put("/checkpoints/{int:checkpoint_id}/proposal", response=CheckpointDetailOut)
+def checkpoint_proposal_edit(request: HttpRequest, checkpoint_id: int, payload: ProposalIn):
+    """Replace a pending plan's proposal (member+); it is validated again (known toolkits,
+    dependencies by key or index, no cycles, at most 50 tasks). Refused once someone
+    decided on the plan."""
+    checkpoint = checkpoint_get_for_user(user=request.auth, checkpoint_id=checkpoint_id)
+    plan_edit(actor=request.auth, checkpoint=checkpoint, proposal=payload.proposal)
     return checkpoint_get_for_user(user=request.auth, checkpoint_id=checkpoint_id)

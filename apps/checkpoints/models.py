@@ -2,7 +2,7 @@ from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
-from apps.groups.models import Group, Role
+from apps.groups.models import ExpiryAction, Group, Role
 from apps.tasks.models import Attempt, Task
 
 
@@ -34,11 +34,6 @@ class CheckpointStatus(models.TextChoices):
     CANCELLED = "cancelled"
 
 
-class ExpiryAction(models.TextChoices):
-    REJECT = "reject", "Reject automatically"
-    ESCALATE = "escalate", "Escalate to owners"
-
-
 class Checkpoint(models.Model):
     """A pause that needs a human decision."""
 
@@ -56,6 +51,9 @@ class Checkpoint(models.Model):
     title = models.CharField(max_length=200)
     details = models.TextField(blank=True)
     options = models.JSONField(default=list, blank=True)
+    # A plan checkpoint's proposal (apps.tasks.planner): {"summary", "tasks": [...]}, edited
+    # by humans (plan_edit) until it is approved, which creates the tasks.
+    proposal = models.JSONField(null=True, blank=True)
     required_approvals = models.PositiveIntegerField(
         default=1, validators=[MinValueValidator(1), MaxValueValidator(20)]
     )

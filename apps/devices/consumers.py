@@ -6,16 +6,20 @@ arrive from services as channel-layer messages (after commit) and are re-read fr
 database before they are sent, so a frame always reflects committed state.
 """
 
+import asyncio
 import json
 import logging
 import time
-from functools import partial
+import weakref
+from functools import partial, wraps
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
+from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connections
 
 from apps.devices import selectors
-from apps.devices.frames import agent_message_once
+from apps.devices.frames import agent_message_once, agent_progress_many
 from apps.devices.services import (
     agent_connection_closed,
     agent_connection_opened,
@@ -23,7 +27,7 @@ from apps.devices.services import (
     agent_heartbeat,
     device_authenticate,
 )
-from apps.events.broadcast import agent_channel, device_channel
+from apps.events.broadcast import agent_channel, device_channel, layer_lanes
 from claw import protocol
 from claw.protocol import FrameError
 
@@ -37,6 +41,106 @@ logger = logging.getLogger(__name__)
 # work, and no state lives in a thread), so any worker thread of the loop's pool will do.
 # A consumer still awaits its calls one by one: one socket's frames keep their order.
 db = partial(database_sync_to_async, thread_sensitive=False)
+
+
+def retried_without_health_check(func):
+    """For the calls that are safe to run twice (heartbeats, reads, and effectful frames,
+    whose answers are stored with their effect): skip the SELECT 1 that CONN_HEALTH_CHECKS
+    costs on every call, and instead run once more on a fresh connection if the call fails
+    on a connection error (a restarted server, a cut connection)."""
+
+    @wraps(func)
+    def run(**kwargs):
+        connection = connections[DEFAULT_DB_ALIAS]
+        connection.health_check_done = True
+        try:
+            return func(**kwargs)
+        except (OperationalError, InterfaceError):
+            if connection.in_atomic_block:
+                raise
+            logger.warning("%s failed on its connection; once more", func.__name__, exc_info=True)
+            connection.close()
+            return func(**kwargs)
+
+    return run
+
+
+class ProgressBatcher:
+    """Group commit for progress frames, one per event loop (so per server process).
+
+    Consumers submit frames and get futures. WRITERS tasks each drain their own queue (a
+    group's frames always go to the same one: writers never wait for each other's lock on
+    the group's event numbers), taking what is waiting (up to MAX_FRAMES, after at most
+    WAIT_S for company), writing it in one transaction (agent_progress_many) and resolving
+    each frame's future with its own ack or error. While a batch is being written the next
+    one gathers, so under load the group's lock is taken once per batch instead of once
+    per frame. Queues are FIFO and each writer writes one batch at a time: an agent's
+    frames keep their arrival order.
+    """
+
+    MAX_FRAMES = 200
+    WAIT_S = 0.002
+    WRITERS = 2
+
+    def __init__(self) -> None:
+        self.queues = [asyncio.Queue() for _ in range(self.WRITERS)]
+        self.writers: list[asyncio.Task | None] = [None] * self.WRITERS
+
+    def submit(self, group_id: int, agent_id: int, frame: protocol.Progress) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        index = group_id % self.WRITERS
+        if self.writers[index] is None or self.writers[index].done():
+            self.writers[index] = loop.create_task(self._drain(self.queues[index]))
+        future = loop.create_future()
+        self.queues[index].put_nowait((agent_id, frame, future))
+        return future
+
+    async def _drain(self, queue: asyncio.Queue) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await queue.get()]
+            deadline = loop.time() + self.WAIT_S
+            while len(batch) < self.MAX_FRAMES:
+                try:
+                    batch.append(queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    if loop.time() >= deadline:
+                        break
+                    await asyncio.sleep(min(0.001, deadline - loop.time()))
+            await self._write(batch)
+
+    async def _write(self, batch: list) -> None:
+        frames = [(agent_id, frame) for agent_id, frame, _ in batch]
+        try:
+            answers = await db(retried_without_health_check(agent_progress_many))(frames=frames)
+        except Exception:
+            logger.warning("a batch of %d progress frames failed; one by one", len(batch))
+            answers = []
+            for agent_id, frame in frames:
+                try:
+                    answers.append(await db(agent_message_once)(agent_id=agent_id, frame=frame))
+                except Exception as exc:
+                    answers.append(exc)
+        for (_, _, future), answer in zip(batch, answers, strict=True):
+            if future.done():
+                continue
+            if isinstance(answer, Exception):
+                future.set_exception(answer)
+            else:
+                future.set_result(answer)
+
+
+_batchers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ProgressBatcher]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def progress_batcher() -> ProgressBatcher:
+    loop = asyncio.get_running_loop()
+    if loop not in _batchers:
+        _batchers[loop] = ProgressBatcher()
+    return _batchers[loop]
+
 
 RATE_PER_S = 50.0
 BURST = 200
@@ -98,9 +202,20 @@ class AgentConsumer(AsyncWebsocketConsumer):
         groups += [agent_channel(self.agent_id)] if self.agent_id is not None else []
         for group in groups:
             try:
-                await self.channel_layer.group_discard(group, self.channel_name)
+                async with layer_lanes():
+                    await self.channel_layer.group_discard(group, self.channel_name)
             except Exception:  # the membership expires with the layer's group_expiry
                 logger.warning("leaving %s failed", group, exc_info=True)
+
+    async def dispatch(self, message: dict) -> None:
+        # Channels' dispatch first closes the old database connections of its one shared
+        # sync thread, a hop to that thread for every frame of every socket. This consumer
+        # never uses that thread: its calls run in pool threads (db above), which close
+        # their own old connections (database_sync_to_async). So straight to the handler.
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     # --- inbound ---------------------------------------------------------------------------
 
@@ -149,15 +264,21 @@ class AgentConsumer(AsyncWebsocketConsumer):
             case protocol.Hello():
                 await self._hello(frame)
             case protocol.Heartbeat():
-                extended = await db(agent_heartbeat)(
+                extended = await db(retried_without_health_check(agent_heartbeat))(
                     agent_id=self.agent_id, lease_timeout_s=self.lease_timeout_s
                 )
                 await self._send(protocol.Ack(re=frame.id, result={"leases_extended": extended}))
             case protocol.Drain():
                 await db(agent_drain_self)(agent_id=self.agent_id)
                 await self._send(protocol.Ack(re=frame.id))
+            case protocol.Progress():
+                # Written with other sockets' progress, in one transaction (ProgressBatcher).
+                written = progress_batcher().submit(self.group_id, self.agent_id, frame)
+                await self.send(text_data=json.dumps(await written))
             case _:
-                response = await db(agent_message_once)(agent_id=self.agent_id, frame=frame)
+                response = await db(retried_without_health_check(agent_message_once))(
+                    agent_id=self.agent_id, frame=frame
+                )
                 await self.send(text_data=json.dumps(response))
 
     async def _hello(self, frame: protocol.Hello) -> None:
@@ -187,7 +308,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
         await self.channel_layer.group_send(
             agent_channel(agent_id), {"type": "agent.replaced", "by": self.channel_name}
         )
-        self.agent_id = agent_id
+        self.agent_id, self.group_id = agent_id, agent.group_id
 
         await self.channel_layer.group_add(agent_channel(agent_id), self.channel_name)
         welcome = await db(selectors.welcome_frame)(
@@ -204,7 +325,9 @@ class AgentConsumer(AsyncWebsocketConsumer):
     # --- pushes from services (channel layer) ----------------------------------------------
 
     async def attempt_offered(self, message: dict) -> None:
-        frame = await db(selectors.assignment_frame)(attempt_id=message["attempt_id"])
+        frame = await db(retried_without_health_check(selectors.assignment_frame))(
+            attempt_id=message["attempt_id"]
+        )
         if frame is not None:
             await self._send(frame)
 

@@ -8,14 +8,16 @@ and changes nothing. Errors are stored too, so the replay's answer is the same.
 
 import json
 
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
 
 from apps.checkpoints.models import Checkpoint, CheckpointSource
 from apps.checkpoints.services import checkpoint_mark_delivered, checkpoint_raise
 from apps.devices.models import Agent, AgentMessage
-from apps.events.services import event_append
-from apps.tasks.models import Attempt
+from apps.events.services import event_append, event_append_many, server_binding_cursor
+from apps.tasks.models import Attempt, AttemptStatus
 from apps.tasks.services import (
+    PROGRESS_KINDS,
     attempt_accept,
     attempt_complete,
     attempt_decline,
@@ -138,3 +140,126 @@ def agent_message_once(*, agent_id: int, frame) -> dict:
             if created and isinstance(exc, StaleAttempt) and hasattr(frame, "epoch"):
                 _record_stale_write(agent, frame, exc)
         return stored.response
+
+
+def _progress_fence(agent_id: int, frame: protocol.Progress, attempt: dict | None) -> None:
+    """attempt_progress's checks, on a row of agent_progress_many's one read."""
+    if frame.kind not in PROGRESS_KINDS:
+        raise InvalidInput(f"Progress kind must be one of {', '.join(sorted(PROGRESS_KINDS))}.")
+    if attempt is None or attempt["agent_id"] != agent_id:
+        raise NotFound(f"Attempt {frame.attempt_id} is not this agent's.")
+    status, task_epoch = attempt["status"], attempt["task__epoch"]
+    if (
+        attempt["epoch"] != frame.epoch
+        or task_epoch != frame.epoch
+        or status != AttemptStatus.RUNNING
+    ):
+        raise StaleAttempt(
+            f"Attempt {frame.attempt_id} (epoch {frame.epoch}) no longer holds task "
+            f"{attempt['task_id']} (attempt is {status}, task epoch {task_epoch}).",
+            details={"task_epoch": task_epoch, "attempt_status": status},
+        )
+
+
+STORE_ANSWERS = """
+INSERT INTO devices_agentmessage (agent_id, client_id, response, created_at)
+SELECT a.agent_id, a.client_id, a.response::jsonb, %s
+FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS a (agent_id, client_id, response)
+"""
+
+
+def _store_answers(answers: dict[tuple[int, str], dict]) -> None:
+    """AgentMessage rows for a batch's answers: one insert, one array per column on
+    PostgreSQL (see server_binding_cursor)."""
+    if not answers:
+        return
+    if connection.vendor != "postgresql":
+        AgentMessage.objects.bulk_create(
+            AgentMessage(agent_id=agent_id, client_id=client_id, response=response)
+            for (agent_id, client_id), response in answers.items()
+        )
+        return
+    agent_ids, client_ids = zip(*answers, strict=True)
+    responses = [json.dumps(response) for response in answers.values()]
+    with server_binding_cursor() as cursor:
+        cursor.execute(
+            STORE_ANSWERS, [timezone.now(), list(agent_ids), list(client_ids), responses]
+        )
+
+
+def agent_progress_many(*, frames: list[tuple[int, protocol.Progress]]) -> list[dict]:
+    """agent_message_once for a batch of (agent id, progress frame), in arrival order: one
+    transaction for all, one seq bump and one insert of events per group, one insert of the
+    stored answers. Returns each frame's ack or error, in order.
+
+    Each frame is checked on its own before the write (a stale frame gets its error, stored
+    like any answer, and the others land), a replayed id gets its stored answer, and a
+    frame repeated within the batch gets the answer of its first copy. Events are numbered
+    in arrival order, so an attempt's progress keeps its order. Callers fall back to
+    agent_message_once per frame if this raises (an id that raced in elsewhere).
+    """
+    keys = list(dict.fromkeys((agent_id, frame.id) for agent_id, frame in frames))
+    stored = {
+        (agent_id, client_id): response
+        for agent_id, client_id, response in AgentMessage.objects.filter(
+            agent_id__in={agent_id for agent_id, _ in keys}, client_id__in={c for _, c in keys}
+        ).values_list("agent_id", "client_id", "response")
+    }
+    attempts = {
+        row["id"]: row
+        for row in Attempt.objects.filter(id__in={frame.attempt_id for _, frame in frames}).values(
+            "id", "agent_id", "epoch", "status", "task_id", "task__epoch", "task__group_id"
+        )
+    }
+    answers: dict[tuple[int, str], dict] = {}
+    events: dict[int, list[dict]] = {}  # per group, in arrival order
+    acked: dict[int, list[tuple[int, str]]] = {}  # per group: whose event is which
+    for agent_id, frame in frames:
+        key = (agent_id, frame.id)
+        if key in answers or key in stored:
+            continue
+        attempt = attempts.get(frame.attempt_id)
+        try:
+            _progress_fence(agent_id, frame, attempt)
+        except DomainError as exc:
+            answers[key] = protocol.Error(
+                re=frame.id, code=exc.code, message=exc.message
+            ).model_dump(mode="json")
+            if isinstance(exc, StaleAttempt):
+                events.setdefault(attempt["task__group_id"], []).append(
+                    {
+                        "kind": "attempt.stale_write",
+                        "task_id": attempt["task_id"],
+                        "attempt_id": frame.attempt_id,
+                        "agent_id": agent_id,
+                        "payload": {
+                            "frame": frame.type,
+                            "epoch": frame.epoch,
+                            "reason": exc.message,
+                        },
+                    }
+                )
+            continue
+        answers[key] = {}  # the ack, once its event has a number
+        group_id = attempt["task__group_id"]
+        events.setdefault(group_id, []).append(
+            {
+                "kind": f"progress.{frame.kind}",
+                "task_id": attempt["task_id"],
+                "attempt_id": frame.attempt_id,
+                "agent_id": agent_id,
+                "payload": {**frame.data, "seq": frame.seq},  # the protocol's seq wins
+            }
+        )
+        acked.setdefault(group_id, []).append(key)
+    with transaction.atomic():
+        for group_id in sorted(events):  # the same lock order in every batch
+            created = event_append_many(group_id=group_id, events=events[group_id])
+            progress = [e for e in created if e.kind.startswith("progress.")]
+            for key, event in zip(acked.get(group_id, []), progress, strict=True):
+                answers[key] = protocol.Ack(re=key[1], result={"event_seq": event.seq}).model_dump(
+                    mode="json"
+                )
+        _store_answers(answers)
+    answers.update(stored)
+    return [answers[(agent_id, frame.id)] for agent_id, frame in frames]

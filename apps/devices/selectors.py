@@ -67,6 +67,7 @@ def _assignment(attempt) -> protocol.Assignment:
             required_toolkits=task.required_toolkits,
             parent_id=task.parent_id,
             root_id=task.root_id,
+            feedback=task.feedback or None,
         ),
     )
 

@@ -3,7 +3,7 @@ from datetime import timedelta
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.cache import cache
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -211,18 +211,49 @@ def agent_heartbeat(*, agent_id: int, lease_timeout_s: int) -> int:
 
     An offer keeps its deadline: an agent whose assignment frame was lost keeps
     heartbeating without knowing of the offer, so extending it would hold the task (and
-    the agent's capacity) forever. Two single-statement updates and no event (heartbeats
-    are not history). Returns how many leases were extended.
+    the agent's capacity) forever. One statement on PostgreSQL (two updates in a CTE; two
+    statements on SQLite) and no event (heartbeats are not history). Returns how many
+    leases were extended.
     """
     from apps.tasks.models import Attempt, AttemptStatus
 
     now = timezone.now()
-    alive = Agent.objects.filter(id=agent_id).exclude(status=AgentStatus.OFFLINE)
-    if not alive.update(last_heartbeat_at=now):
+    lease = now + timedelta(seconds=lease_timeout_s)
+    if connection.vendor == "postgresql":
+        alive, extended = _heartbeat_in_one_statement(agent_id=agent_id, now=now, lease=lease)
+    else:
+        alive = (
+            Agent.objects.filter(id=agent_id)
+            .exclude(status=AgentStatus.OFFLINE)
+            .update(last_heartbeat_at=now)
+        )
+        extended = Attempt.objects.filter(agent_id=agent_id, status=AttemptStatus.RUNNING).update(
+            lease_expires_at=lease
+        )
+    if not alive:
         _agent_heartbeats_resumed(agent_id=agent_id, now=now)
-    return Attempt.objects.filter(agent_id=agent_id, status=AttemptStatus.RUNNING).update(
-        lease_expires_at=now + timedelta(seconds=lease_timeout_s)
-    )
+    return extended
+
+
+def _heartbeat_in_one_statement(*, agent_id: int, now, lease) -> tuple[int, int]:
+    """Both of a heartbeat's updates in one round trip: (agents updated, leases extended)."""
+    from apps.tasks.models import AttemptStatus
+
+    with connection.cursor() as cursor:
+        cursor.execute(
+            """
+            WITH alive AS (
+                UPDATE devices_agent SET last_heartbeat_at = %s
+                WHERE id = %s AND status <> %s RETURNING 1
+            ), extended AS (
+                UPDATE tasks_attempt SET lease_expires_at = %s
+                WHERE agent_id = %s AND status = %s RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM alive), (SELECT count(*) FROM extended)
+            """,
+            [now, agent_id, AgentStatus.OFFLINE, lease, agent_id, AttemptStatus.RUNNING],
+        )
+        return cursor.fetchone()
 
 
 def _agent_heartbeats_resumed(*, agent_id: int, now) -> None:

@@ -1,3 +1,5 @@
+import json
+
 from django.db import connection, transaction
 from django.db.models import JSONField, Value
 from django.utils import timezone
@@ -72,6 +74,27 @@ def json_param(value) -> Value:
     return Value(value, output_field=JSONField())
 
 
+def server_binding_cursor():
+    """A cursor on this connection whose parameters travel apart from the SQL (psycopg's
+    server-side binding; Django binds on the client by default). For inserts of many rows
+    as one array per column: psycopg dumps the arrays in C, where client-side binding
+    quotes every element into the query text in Python (about 6x the CPU for 50 events)."""
+    from django.db.backends.postgresql.base import ServerBindingCursor
+
+    connection.ensure_connection()
+    return connection._prepare_cursor(ServerBindingCursor(connection.connection))
+
+
+INSERT_EVENTS = """
+INSERT INTO events_event
+    (group_id, seq, kind, task_id, attempt_id, agent_id, actor_id, payload, created_at)
+SELECT %s, e.seq, e.kind, e.task_id, e.attempt_id, e.agent_id, e.actor_id, e.payload::jsonb, %s
+FROM unnest(%s::bigint[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::int[],
+            %s::text[]) AS e (seq, kind, task_id, attempt_id, agent_id, actor_id, payload)
+RETURNING id
+"""
+
+
 def event_append_many(*, group_id: int, events: list[dict]) -> list[Event]:
     """event_append for a batch of one group's events (each a dict of event_append's
     keyword arguments but group_id): one seq bump for all, one insert, and after commit one
@@ -82,7 +105,7 @@ def event_append_many(*, group_id: int, events: list[dict]) -> list[Event]:
     if not events:
         return []
     first = _next_seq(group_id, len(events)) - len(events) + 1
-    created = Event.objects.bulk_create(
+    created = [
         Event(
             group_id=group_id,
             seq=first + i,
@@ -91,12 +114,23 @@ def event_append_many(*, group_id: int, events: list[dict]) -> list[Event]:
             attempt_id=event.get("attempt_id"),
             agent_id=event.get("agent_id"),
             actor_id=event.get("actor_id"),
-            payload=json_param(event.get("payload") or {}),
+            payload=event.get("payload") or {},
+            created_at=timezone.now(),
         )
         for i, event in enumerate(events)
-    )
-    for event, given in zip(created, events, strict=True):
-        event.payload = given.get("payload") or {}
+    ]
+    if connection.vendor == "postgresql":
+        # One parameter per column (see server_binding_cursor): a tenth of the ORM's CPU.
+        columns = ["seq", "kind", "task_id", "attempt_id", "agent_id", "actor_id"]
+        arrays = [[getattr(e, column) for e in created] for column in columns]
+        payloads = [json.dumps(e.payload) for e in created]
+        with server_binding_cursor() as cursor:
+            cursor.execute(INSERT_EVENTS, [group_id, created[0].created_at, *arrays, payloads])
+            for event, (event_id,) in zip(created, cursor.fetchall(), strict=True):
+                event.id = event_id
+                event._state.adding, event._state.db = False, connection.alias
+    else:
+        Event.objects.bulk_create(created)
     # One message for the batch: the group's sockets read the events from the database.
     broadcast_on_commit(
         group_channel(group_id),

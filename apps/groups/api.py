@@ -1,12 +1,13 @@
 """/me, personal API tokens, groups and their members."""
 
 from datetime import datetime
+from typing import Literal
 
 from django.http import HttpRequest
 from ninja import Field, Router, Schema, Status
 from pydantic import ConfigDict, model_validator
 
-from apps.groups.models import CheckpointPolicy, Role
+from apps.groups.models import CheckpointPolicy, DependencyFailurePolicy, ExpiryAction, Role
 from apps.groups.selectors import (
     api_tokens_for_user,
     group_get_for_user,
@@ -88,6 +89,9 @@ def token_revoke(request: HttpRequest, token_id: int):
 # --- groups ------------------------------------------------------------------------------
 
 
+DeciderRole = Literal["approver", "owner"]
+
+
 class GroupPolicies(InSchema):
     # Defaults are None (= "leave as is"); an explicit null is rejected.
     heartbeat_interval_s: int = Field(None, ge=1, le=600)
@@ -95,6 +99,23 @@ class GroupPolicies(InSchema):
     max_attempts: int = Field(None, ge=1, le=100)
     reconnect_grace_s: int = Field(None, ge=0, le=3600)
     default_checkpoint_policy: CheckpointPolicy = Field(None)
+    dependency_failure_policy: DependencyFailurePolicy = Field(
+        None, description="What a failed or cancelled dependency does to new tasks."
+    )
+    checkpoint_required_approvals: int = Field(
+        None, ge=1, le=20, description="Approvals a checkpoint needs, unless it sets its own."
+    )
+    checkpoint_decider_role: DeciderRole = Field(None, description="Who decides checkpoints.")
+    checkpoint_expiry_s: int = Field(
+        None, ge=0, le=30 * 86400, description="Checkpoints expire after this; 0: never."
+    )
+    checkpoint_expiry_action: ExpiryAction = Field(None)
+    llm_token_budget: int | None = Field(
+        None,
+        ge=0,
+        le=10**13,
+        description="Model tokens the agents may use through the gateway; null: unlimited.",
+    )
 
     def policies(self) -> dict:
         return self.model_dump(
@@ -125,6 +146,13 @@ class GroupOut(Schema):
     max_attempts: int
     reconnect_grace_s: int
     default_checkpoint_policy: CheckpointPolicy
+    dependency_failure_policy: DependencyFailurePolicy
+    checkpoint_required_approvals: int
+    checkpoint_decider_role: DeciderRole
+    checkpoint_expiry_s: int
+    checkpoint_expiry_action: ExpiryAction
+    llm_token_budget: int | None = Field(description="Model token budget; null: unlimited.")
+    llm_tokens_used: int = Field(description="Model tokens used through the gateway so far.")
     created_at: datetime
 
 

@@ -1,10 +1,23 @@
+from datetime import timedelta
+
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, transaction
+from django.db.models import F
 from django.utils import timezone
 from django.utils.text import slugify
 
 from apps.events.services import event_append
-from apps.groups.models import ApiToken, CheckpointPolicy, Group, Membership, Role
+from apps.groups.models import (
+    DECIDER_ROLES,
+    ApiToken,
+    CheckpointPolicy,
+    DependencyFailurePolicy,
+    ExpiryAction,
+    Group,
+    Invite,
+    Membership,
+    Role,
+)
 from apps.groups.selectors import require_role
 from claw.errors import InvalidInput, InvalidTransition, NotFound
 from claw.tokens import new_token, token_hash
@@ -14,21 +27,32 @@ POLICY_FIELDS = {
     "lease_timeout_s": (2, 3600),
     "max_attempts": (1, 100),
     "reconnect_grace_s": (0, 3600),
+    "checkpoint_required_approvals": (1, 20),
+    "checkpoint_expiry_s": (0, 30 * 86400),
+    "llm_token_budget": (0, 10**13),
+}
+# Policies where null is a value: no budget.
+NULLABLE_POLICIES = {"llm_token_budget"}
+CHOICE_POLICIES = {
+    "default_checkpoint_policy": CheckpointPolicy.values,
+    "dependency_failure_policy": DependencyFailurePolicy.values,
+    "checkpoint_decider_role": list(DECIDER_ROLES),
+    "checkpoint_expiry_action": ExpiryAction.values,
 }
 
 
 def _validate_policies(policies: dict) -> None:
     for field, value in policies.items():
-        if field == "default_checkpoint_policy":
-            if value not in CheckpointPolicy.values:
-                raise InvalidInput(
-                    f"default_checkpoint_policy must be one of {', '.join(CheckpointPolicy.values)}"
-                )
+        if field in CHOICE_POLICIES:
+            if value not in CHOICE_POLICIES[field]:
+                raise InvalidInput(f"{field} must be one of {', '.join(CHOICE_POLICIES[field])}")
             continue
         if field not in POLICY_FIELDS:
             raise InvalidInput(f"Unknown group policy {field!r}.")
+        if value is None and field in NULLABLE_POLICIES:
+            continue
         low, high = POLICY_FIELDS[field]
-        if not isinstance(value, int) or not low <= value <= high:
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise InvalidInput(f"{field} must be an integer from {low} to {high}.")
 
 
@@ -181,3 +205,119 @@ def api_token_authenticate(*, raw: str) -> AbstractBaseUser | None:
     if token.last_used_at is None or (now - token.last_used_at).total_seconds() > 60:
         ApiToken.objects.filter(id=token.id).update(last_used_at=now)
     return token.user
+
+
+# --- invite links ------------------------------------------------------------------------
+
+INVITE_TTL = timedelta(days=7)
+INVITE_MAX_USES = 1000
+
+
+def invite_create(
+    *,
+    actor: AbstractBaseUser,
+    group: Group,
+    role: str = Role.MEMBER,
+    max_uses: int = 1,
+    ttl: timedelta = INVITE_TTL,
+) -> tuple[Invite, str]:
+    """An invite link for `max_uses` people (owners only). Returns the invite and its raw
+    token, shown once; only the hash is stored."""
+    require_role(user=actor, group_id=group.id, role=Role.OWNER)
+    if role not in Role.values:
+        raise InvalidInput(f"role must be one of {', '.join(Role.values)}.")
+    if isinstance(max_uses, bool) or not isinstance(max_uses, int):
+        raise InvalidInput(f"max_uses must be an integer from 1 to {INVITE_MAX_USES}.")
+    if not 1 <= max_uses <= INVITE_MAX_USES:
+        raise InvalidInput(f"max_uses must be an integer from 1 to {INVITE_MAX_USES}.")
+    raw = new_token("clawi")
+    with transaction.atomic():
+        invite = Invite.objects.create(
+            group=group,
+            role=role,
+            token_hash=token_hash(raw),
+            created_by=actor,
+            expires_at=timezone.now() + ttl,
+            max_uses=max_uses,
+        )
+        event_append(
+            group_id=group.id,
+            kind="invite.created",
+            actor_id=actor.pk,
+            payload={
+                "invite_id": invite.id,
+                "role": role,
+                "max_uses": max_uses,
+                "expires_at": invite.expires_at.isoformat(),
+            },
+        )
+    return invite, raw
+
+
+def invite_get_by_token(*, raw: str) -> Invite:
+    invite = Invite.objects.select_related("group").filter(token_hash=token_hash(raw)).first()
+    if invite is None:
+        raise NotFound("This invite link is not valid.", code="invalid_invite")
+    return invite
+
+
+def _invite_refusal(invite: Invite, now) -> InvalidTransition:
+    if invite.revoked_at is not None:
+        return InvalidTransition("This invite link was revoked.", code="invite_revoked")
+    if invite.expires_at <= now:
+        return InvalidTransition("This invite link has expired.", code="invite_expired")
+    return InvalidTransition("This invite link was already used.", code="invite_used")
+
+
+def invite_accept(*, user: AbstractBaseUser, raw: str) -> Membership:
+    """Join the invite's group with its role. A use is taken with a compare-and-set, so a
+    single-use link admits one person however many open it at once; a member who opens it
+    again is told so and takes no use."""
+    invite = invite_get_by_token(raw=raw)
+    now = timezone.now()
+    try:
+        with transaction.atomic():
+            if Membership.objects.filter(group_id=invite.group_id, user=user).exists():
+                raise InvalidTransition(
+                    f"You are already a member of {invite.group.name}.", code="already_member"
+                )
+            taken = Invite.objects.filter(
+                id=invite.id, revoked_at=None, expires_at__gt=now, uses__lt=F("max_uses")
+            ).update(uses=F("uses") + 1)
+            if taken != 1:
+                raise _invite_refusal(Invite.objects.get(id=invite.id), now)
+            membership = Membership.objects.create(
+                group_id=invite.group_id, user=user, role=invite.role
+            )
+            event_append(
+                group_id=invite.group_id,
+                kind="member.added",
+                actor_id=user.pk,
+                payload={
+                    "user_id": user.pk,
+                    "username": user.get_username(),
+                    "role": invite.role,
+                    "invite_id": invite.id,
+                },
+            )
+    except IntegrityError:  # joined by another path at the same moment
+        raise InvalidTransition(
+            f"You are already a member of {invite.group.name}.", code="already_member"
+        ) from None
+    return membership
+
+
+def invite_revoke(*, actor: AbstractBaseUser, invite: Invite) -> Invite:
+    require_role(user=actor, group_id=invite.group_id, role=Role.OWNER)
+    now = timezone.now()
+    with transaction.atomic():
+        if Invite.objects.filter(id=invite.id, revoked_at=None).update(revoked_at=now) != 1:
+            raise InvalidTransition("This invite link is already revoked.", code="already_revoked")
+        event_append(
+            group_id=invite.group_id,
+            kind="invite.revoked",
+            actor_id=actor.pk,
+            payload={"invite_id": invite.id},
+        )
+    invite.revoked_at = now
+    return invite

@@ -11,8 +11,10 @@ from pydantic import StringConstraints
 
 from apps.devices.models import Device
 from apps.groups.api import InSchema
+from apps.groups.models import CheckpointPolicy, DependencyFailurePolicy
 from apps.groups.selectors import group_get_for_user
 from apps.tasks.models import ArtifactKind, AttemptStatus, TaskStatus
+from apps.tasks.planner import plan_request
 from apps.tasks.selectors import (
     artifact_get_for_user,
     artifacts_for_task,
@@ -58,6 +60,14 @@ class TaskCreateIn(InSchema):
     depends_on: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=list, max_length=MAX_DEPENDENCIES
     )
+    checkpoint_policy: CheckpointPolicy | None = Field(
+        None, description="none, before_start or review_result; defaults to the group's."
+    )
+    dependency_failure_policy: DependencyFailurePolicy | None = Field(
+        None,
+        description="What a failed or cancelled dependency does to this task: block or "
+        "cancel; defaults to the group's.",
+    )
 
 
 class TaskFilters(Schema):
@@ -79,6 +89,9 @@ class TaskOut(Schema):
     parent_id: int | None
     root_id: int | None
     required_toolkits: list[str]
+    checkpoint_policy: CheckpointPolicy
+    dependency_failure_policy: DependencyFailurePolicy
+    start_approved_at: datetime | None
     created_by_user_id: int | None
     created_by_agent_id: int | None
     created_at: datetime
@@ -117,6 +130,7 @@ class TaskDetailOut(TaskOut):
     instructions: str
     steps: list[dict[str, Any]]
     result: Any = None
+    feedback: str = Field(description="The reviewer's note for the next attempt, if any.")
     depends_on: list[int]
     attempts: list[AttemptOut]
 
@@ -173,6 +187,8 @@ def task_create_view(request: HttpRequest, slug: str, payload: TaskCreateIn):
         max_attempts=payload.max_attempts,
         parent_id=payload.parent_id,
         depends_on=payload.depends_on,
+        checkpoint_policy=payload.checkpoint_policy,
+        dependency_failure_policy=payload.dependency_failure_policy,
     )
     return Status(201, task_get_for_user(user=request.auth, task_id=task.id, detail=True))
 
@@ -193,6 +209,23 @@ def task_retry_view(request: HttpRequest, task_id: int):
     task = task_get_for_user(user=request.auth, task_id=task_id)
     task_retry(actor=request.auth, task=task)
     return task_get_for_user(user=request.auth, task_id=task_id, detail=True)
+
+
+class PlanRequestOut(Schema):
+    task_id: int
+    request_id: int = Field(description="The id of the plan.requested event.")
+    status: str = Field(description="requested: the plan checkpoint follows (or plan.failed).")
+
+
+@router.post("/tasks/{int:task_id}/plan", response={202: PlanRequestOut})
+def task_plan_view(request: HttpRequest, task_id: int):
+    """Ask the model to break this goal task into sub-tasks (member+). The proposal comes
+    as a `plan` checkpoint (event plan.proposed) to edit, approve or reject; a model that
+    gives no valid plan twice ends in a plan.failed event. 503 model_unavailable without a
+    model backend."""
+    task = task_get_for_user(user=request.auth, task_id=task_id)
+    event = plan_request(actor=request.auth, task=task)
+    return Status(202, {"task_id": task.id, "request_id": event.id, "status": "requested"})
 
 
 @router.post("/tasks/{int:task_id}/dependencies", response=TaskDetailOut)

@@ -7,6 +7,7 @@ under the agents' row locks), so any number of matchers may run at once: a lost 
 skipped, never doubled.
 """
 
+import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -18,6 +19,8 @@ from apps.devices.models import Agent, AgentStatus
 from apps.tasks.models import LIVE_ATTEMPT_STATUSES, Attempt, AttemptStatus, Task, TaskStatus
 from apps.tasks.services import tasks_assign_many
 from claw.errors import DomainError
+
+logger = logging.getLogger(__name__)
 
 DECLINE_EXCLUSION = timedelta(seconds=60)
 MAX_CANDIDATES_RECORDED = 10
@@ -45,9 +48,11 @@ class Candidate:
         return self.live / self.agent.capacity
 
 
-def _available_agents(group_id: int) -> list[Candidate]:
+def _available_agents(group_id: int, agent_id: int | None = None) -> list[Candidate]:
+    only = {"id": agent_id} if agent_id is not None else {}
     agents = list(
         Agent.objects.filter(
+            **only,
             group_id=group_id,
             status__in=[AgentStatus.ONLINE, AgentStatus.BUSY],
             device__revoked_at=None,
@@ -164,14 +169,14 @@ def _plan(ready: list[Task], candidates: list[Candidate]) -> list[tuple[int, int
     return plan
 
 
-def tasks_match(*, group_id: int, limit: int = 200) -> list[int]:
+def tasks_match(*, group_id: int, limit: int = 200, agent_id: int | None = None) -> list[int]:
     """Assign the group's ready tasks (highest priority, then oldest first) to the best
-    available agents. Returns the ids of the attempts offered.
+    available agents (or only to `agent_id`). Returns the ids of the attempts offered.
 
     One transaction per call: the ready tasks are locked as they are read, skipping those
     another matcher holds (so matchers running at once take different tasks instead of
     racing for the same ones), then `tasks_assign_many` claims them all."""
-    candidates = _available_agents(group_id)
+    candidates = _available_agents(group_id, agent_id)
     if not candidates:
         return []
     now = timezone.now()
@@ -189,6 +194,29 @@ def tasks_match(*, group_id: int, limit: int = 200) -> list[int]:
         except DomainError:
             return []  # the batch rolled back; its tasks stay ready for the next round
     return [attempt.id for attempt in attempts]
+
+
+def request_matching_for_agent(group_id: int, agent_id: int, *, whole_group: bool) -> None:
+    """An agent freed capacity (its attempt ended): once this transaction commits, match
+    that agent here and now, through the same claim as the matcher, instead of waiting for
+    a Celery worker to pick the group up (enqueue, worker, match: ~100 ms more). If that
+    fails, or the change also readied work others may take (`whole_group`), the group is
+    matched through Celery as before; the periodic match_all still backs both."""
+    from apps.tasks.services import request_matching
+
+    def match_agent() -> None:
+        try:
+            tasks_match(group_id=group_id, agent_id=agent_id)
+        except Exception:
+            logger.warning(
+                "matching agent %s failed; leaving it to a worker", agent_id, exc_info=True
+            )
+            if not whole_group:
+                request_matching(group_id)  # outside a transaction: enqueued now
+
+    transaction.on_commit(match_agent, robust=True)
+    if whole_group:
+        request_matching(group_id)
 
 
 def groups_with_ready_tasks() -> list[int]:

@@ -3,11 +3,11 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 
 from apps.devices.models import Agent, Device
-from apps.groups.models import Group
+from apps.groups.models import CheckpointPolicy, DependencyFailurePolicy, Group
 
 
 class TaskStatus(models.TextChoices):
-    WAITING = "waiting"  # dependencies not yet succeeded
+    WAITING = "waiting"  # dependencies not yet succeeded, or the start not yet approved
     READY = "ready"  # can be assigned
     ASSIGNED = "assigned"  # an attempt was offered to an agent
     RUNNING = "running"  # the agent accepted
@@ -15,6 +15,7 @@ class TaskStatus(models.TextChoices):
     FAILED = "failed"
     CANCELLED = "cancelled"
     BLOCKED = "blocked"  # a dependency failed or was cancelled
+    REVIEW = "review"  # an attempt finished; its result waits for a human's review
 
 
 TERMINAL_TASK_STATUSES = {TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED}
@@ -53,6 +54,24 @@ class Task(models.Model):
     # Backoff after a lost or failed attempt: a ready task is not matched before this.
     not_before = models.DateTimeField(null=True, blank=True)
     result = models.JSONField(null=True, blank=True)
+    # Checkpoints this task raises by itself (the group's default when it was created):
+    # before_start holds it until a human approves its start; review_result holds each
+    # result for review before it is accepted.
+    checkpoint_policy = models.CharField(
+        max_length=20, choices=CheckpointPolicy.choices, default=CheckpointPolicy.NONE
+    )
+    # What a failed or cancelled dependency does to this task (the group's default when it
+    # was created).
+    dependency_failure_policy = models.CharField(
+        max_length=10,
+        choices=DependencyFailurePolicy.choices,
+        default=DependencyFailurePolicy.BLOCK,
+    )
+    # When a human approved the start (before_start); a retry after a rejection asks again.
+    start_approved_at = models.DateTimeField(null=True, blank=True)
+    # The reviewer's note when they asked for changes: sent to the next attempts with the
+    # task (assignment.task.feedback) until a result is accepted.
+    feedback = models.TextField(blank=True)
     created_by_user = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL
     )

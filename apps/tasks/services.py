@@ -2,9 +2,11 @@
 attempt's epoch is the fencing token, so a stale holder can never overwrite a newer one."""
 
 import hashlib
+import json
 import uuid
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import IO, Any
 
@@ -20,7 +22,7 @@ from apps.devices.models import Agent, AgentStatus, Toolkit
 from apps.devices.services import agent_record_outcome
 from apps.events.broadcast import agent_channel, broadcast_many_on_commit, broadcast_on_commit
 from apps.events.services import event_append, event_append_many, json_param
-from apps.groups.models import Group, Role
+from apps.groups.models import CheckpointPolicy, DependencyFailurePolicy, Group, Role
 from apps.groups.selectors import require_role
 from apps.tasks.models import (
     LIVE_ATTEMPT_STATUSES,
@@ -34,7 +36,7 @@ from apps.tasks.models import (
     TaskDependency,
     TaskStatus,
 )
-from claw.errors import InvalidInput, InvalidTransition, NotFound, StaleAttempt
+from claw.errors import DomainError, InvalidInput, InvalidTransition, NotFound, StaleAttempt
 
 MAX_STEPS = 200
 MAX_BACKOFF = timedelta(seconds=60)
@@ -84,6 +86,68 @@ def _status_from_dependencies(statuses: Iterable[str]) -> str:
     return TaskStatus.WAITING
 
 
+def _start_held(task: Task) -> bool:
+    """Whether a task whose dependencies all succeeded must still wait for a human: its
+    policy is before_start and nobody approved its start yet, or a before-start checkpoint
+    on it is pending."""
+    from apps.checkpoints.models import Checkpoint, CheckpointKind, CheckpointStatus
+
+    if task.checkpoint_policy == CheckpointPolicy.BEFORE_START and task.start_approved_at is None:
+        return True
+    return Checkpoint.objects.filter(
+        task_id=task.id, kind=CheckpointKind.BEFORE_START, status=CheckpointStatus.PENDING
+    ).exists()
+
+
+def _readiness(task: Task, statuses: Iterable[str]) -> str:
+    """Ready = every dependency succeeded and the start is not held for approval."""
+    status = _status_from_dependencies(statuses)
+    if status == TaskStatus.READY and _start_held(task):
+        return TaskStatus.WAITING
+    return status
+
+
+def _ask_to_start(task: Task) -> None:
+    """Raise the before-start checkpoint of a task its policy holds, once (a pending one is
+    not raised twice). Called after the task's own writes and events."""
+    from apps.checkpoints.models import (
+        Checkpoint,
+        CheckpointKind,
+        CheckpointSource,
+        CheckpointStatus,
+    )
+    from apps.checkpoints.services import checkpoint_raise
+
+    if task.checkpoint_policy != CheckpointPolicy.BEFORE_START or task.start_approved_at:
+        return
+    if Checkpoint.objects.filter(
+        task_id=task.id, kind=CheckpointKind.BEFORE_START, status=CheckpointStatus.PENDING
+    ).exists():
+        return
+    checkpoint_raise(
+        group=task.group,
+        task=task,
+        source=CheckpointSource.POLICY,
+        kind=CheckpointKind.BEFORE_START,
+        title=f"Start task #{task.id}: {task.title}"[:200],
+        details=task.instructions[:4000],
+    )
+
+
+def _ask_to_start_dependents(task_id: int) -> None:
+    """After a task succeeded: its waiting before_start dependents whose dependencies have
+    all succeeded now ask for their start."""
+    for dependent in Task.objects.filter(
+        dependency_links__depends_on_id=task_id,
+        status=TaskStatus.WAITING,
+        checkpoint_policy=CheckpointPolicy.BEFORE_START,
+        start_approved_at=None,
+    ).select_related("group"):
+        statuses = dependent.dependencies.values_list("status", flat=True)
+        if _status_from_dependencies(statuses) == TaskStatus.READY:
+            _ask_to_start(dependent)
+
+
 def _require_writer(*, group_id: int, actor: AbstractBaseUser | None, agent: Agent | None) -> None:
     if agent is not None:
         if agent.group_id != group_id:
@@ -107,8 +171,21 @@ def task_create(
     max_attempts: int | None = None,
     parent_id: int | None = None,
     depends_on: list[int] | None = None,
+    checkpoint_policy: str | None = None,
+    dependency_failure_policy: str | None = None,
 ) -> Task:
+    """A new task. checkpoint_policy and dependency_failure_policy default to the group's."""
     _require_writer(group_id=group.id, actor=actor, agent=agent)
+    checkpoint_policy = checkpoint_policy or group.default_checkpoint_policy
+    if checkpoint_policy not in CheckpointPolicy.values:
+        raise InvalidInput(
+            f"checkpoint_policy must be one of {', '.join(CheckpointPolicy.values)}."
+        )
+    dependency_failure_policy = dependency_failure_policy or group.dependency_failure_policy
+    if dependency_failure_policy not in DependencyFailurePolicy.values:
+        raise InvalidInput(
+            f"dependency_failure_policy must be one of {', '.join(DependencyFailurePolicy.values)}."
+        )
     title = title.strip()
     if not title or len(title) > 200:
         raise InvalidInput("A task needs a title of 1 to 200 characters.")
@@ -135,6 +212,8 @@ def task_create(
                 f"Dependencies not in this group: {', '.join(map(str, missing))}.",
                 code="unknown_dependency",
             )
+        status = _status_from_dependencies(deps.values())
+        held = status == TaskStatus.READY and checkpoint_policy == CheckpointPolicy.BEFORE_START
         task = Task.objects.create(
             group=group,
             parent=parent,
@@ -144,7 +223,9 @@ def task_create(
             required_toolkits=toolkits,
             priority=priority,
             max_attempts=max_attempts or group.max_attempts,
-            status=_status_from_dependencies(deps.values()),
+            status=TaskStatus.WAITING if held else status,
+            checkpoint_policy=checkpoint_policy,
+            dependency_failure_policy=dependency_failure_policy,
             created_by_user=actor if agent is None else None,
             created_by_agent=agent,
         )
@@ -161,6 +242,8 @@ def task_create(
             actor_id=actor.pk if actor and not agent else None,
             payload={"title": title, "status": task.status, "depends_on": dep_ids},
         )
+        if held:
+            _ask_to_start(task)
         if task.status == TaskStatus.READY:
             request_matching(group.id)
     return task
@@ -207,8 +290,8 @@ def task_dependency_add(*, actor: AbstractBaseUser, task: Task, depends_on: Task
                 TaskDependency.objects.create(task=current, depends_on=depends_on)
         except IntegrityError:
             raise InvalidTransition("That dependency already exists.", code="duplicate") from None
-        statuses = current.dependencies.values_list("status", flat=True)
-        new_status = _status_from_dependencies(statuses)
+        statuses = list(current.dependencies.values_list("status", flat=True))
+        new_status = _readiness(current, statuses)
         Task.objects.filter(id=task.id, status=current.status).update(status=new_status)
         event_append(
             group_id=task.group_id,
@@ -217,6 +300,8 @@ def task_dependency_add(*, actor: AbstractBaseUser, task: Task, depends_on: Task
             actor_id=actor.pk,
             payload={"depends_on": depends_on.id, "status": new_status},
         )
+        if _status_from_dependencies(statuses) == TaskStatus.READY:
+            _ask_to_start(current)
 
 
 def request_matching(group_id: int, *, after: timedelta | None = None) -> None:
@@ -255,28 +340,91 @@ def refresh_agent_load(agent_id: int) -> None:
         Agent.objects.filter(id=agent_id, status=AgentStatus.BUSY).update(status=AgentStatus.ONLINE)
 
 
-def _propagate_block(task_ids: list[int]) -> list[int]:
-    """Block every not-yet-started dependent of these tasks, transitively."""
-    blocked: list[int] = []
-    frontier = task_ids
-    while frontier:
-        candidates = list(
-            Task.objects.filter(
-                dependency_links__depends_on_id__in=frontier,
-                status__in=[TaskStatus.WAITING, TaskStatus.READY],
-            )
-            .values_list("id", flat=True)
-            .distinct()
+@dataclass
+class _Fallout:
+    """What failed or cancelled tasks did to the tasks that depend on them."""
+
+    blocked: list[tuple[int, int]] = field(default_factory=list)  # (task, its dependency)
+    cancelled: list[tuple[int, str]] = field(default_factory=list)  # (task, why)
+
+
+def _propagate_block(task_ids: list[int]) -> _Fallout:
+    """The not-yet-started dependents of these failed or cancelled tasks, transitively, by
+    each dependent's dependency_failure_policy: `block` (blocked until the dependency is
+    retried) or `cancel` (cancelled with its sub-tree, whose own dependents follow their
+    policies in turn). A blocked task blocks its dependents whatever their policy: a block
+    can still be lifted. Live attempts in a cancelled sub-tree are cancelled and their
+    agents told after commit; the caller appends the events (_append_fallout_events)."""
+    from apps.checkpoints.services import checkpoints_cancel_for_tasks
+
+    fallout = _Fallout()
+    queue = deque((task_id, True) for task_id in task_ids)  # (task, failed or cancelled)
+    while queue:
+        dependency, final = queue.popleft()
+        links = (
+            TaskDependency.objects.filter(depends_on_id=dependency)
+            .values_list("task_id", "task__dependency_failure_policy")
+            .order_by("task_id")
         )
-        frontier = [
-            tid
-            for tid in candidates
-            if Task.objects.filter(
-                id=tid, status__in=[TaskStatus.WAITING, TaskStatus.READY]
-            ).update(status=TaskStatus.BLOCKED)
-        ]
-        blocked.extend(frontier)
-    return blocked
+        for task_id, policy in links:
+            if final and policy == DependencyFailurePolicy.CANCEL:
+                for tid in _descendant_ids(task_id):
+                    if (
+                        Task.objects.filter(id=tid)
+                        .exclude(status__in=TERMINAL_TASK_STATUSES)
+                        .update(status=TaskStatus.CANCELLED)
+                    ):
+                        why = f"dependency #{dependency} did not succeed"
+                        if tid != task_id:
+                            why = f"its parent was cancelled ({why})"
+                        fallout.cancelled.append((tid, why))
+                        queue.append((tid, True))
+            elif Task.objects.filter(
+                id=task_id, status__in=[TaskStatus.WAITING, TaskStatus.READY]
+            ).update(status=TaskStatus.BLOCKED):
+                fallout.blocked.append((task_id, dependency))
+                queue.append((task_id, False))
+    cancelled = [task_id for task_id, _ in fallout.cancelled]
+    if cancelled:
+        live = list(
+            Attempt.objects.filter(task_id__in=cancelled, status__in=LIVE_ATTEMPT_STATUSES).values(
+                "id", "agent_id", "epoch", "task_id"
+            )
+        )
+        Attempt.objects.filter(id__in=[a["id"] for a in live]).update(
+            status=AttemptStatus.CANCELLED, ended_at=timezone.now(), lease_expires_at=None
+        )
+        checkpoints_cancel_for_tasks(task_ids=cancelled)
+        for agent_id in sorted({attempt["agent_id"] for attempt in live}):
+            refresh_agent_load(agent_id)
+        for attempt in live:
+            broadcast_on_commit(
+                agent_channel(attempt["agent_id"]),
+                {
+                    "type": "attempt.cancel",
+                    "attempt_id": attempt["id"],
+                    "epoch": attempt["epoch"],
+                    "task_id": attempt["task_id"],
+                },
+            )
+    return fallout
+
+
+def _append_fallout_events(group_id: int, fallout: _Fallout) -> None:
+    for task_id, dependency in fallout.blocked:
+        event_append(
+            group_id=group_id,
+            kind="task.blocked",
+            task_id=task_id,
+            payload={"status": TaskStatus.BLOCKED, "dependency": dependency},
+        )
+    for task_id, why in fallout.cancelled:
+        event_append(
+            group_id=group_id,
+            kind="task.cancelled",
+            task_id=task_id,
+            payload={"status": TaskStatus.CANCELLED, "reason": why},
+        )
 
 
 def _release_dependents(task_id: int) -> list[int]:
@@ -286,7 +434,7 @@ def _release_dependents(task_id: int) -> list[int]:
         dependency_links__depends_on_id=task_id, status=TaskStatus.WAITING
     ):
         statuses = dependent.dependencies.values_list("status", flat=True)
-        if _status_from_dependencies(statuses) == TaskStatus.READY and (
+        if _readiness(dependent, statuses) == TaskStatus.READY and (
             Task.objects.filter(id=dependent.id, status=TaskStatus.WAITING).update(
                 status=TaskStatus.READY
             )
@@ -309,6 +457,10 @@ def task_cancel(*, actor: AbstractBaseUser, task: Task, reason: str = "") -> lis
     """Cancel a task and its whole sub-tree; agents holding them are told to stop.
     Returns the ids of the tasks that were cancelled."""
     require_role(user=actor, group_id=task.group_id, role=Role.MEMBER)
+    return _task_cancel(task=task, reason=reason)
+
+
+def _task_cancel(*, task: Task, reason: str) -> list[int]:
     with transaction.atomic():
         current = Task.objects.get(id=task.id)
         if current.status in TERMINAL_TASK_STATUSES:
@@ -335,12 +487,12 @@ def task_cancel(*, actor: AbstractBaseUser, task: Task, reason: str = "") -> lis
         from apps.checkpoints.services import checkpoints_cancel_for_tasks
 
         checkpoints_cancel_for_tasks(task_ids=cancelled)
-        blocked = _propagate_block(cancelled)
+        fallout = _propagate_block(cancelled)
         # Agents in id order, as the matcher locks them: two writers never wait on each other.
         for agent_id in sorted({attempt["agent_id"] for attempt in live}):
             refresh_agent_load(agent_id)
         _append_status_events(task.group_id, cancelled, TaskStatus.CANCELLED, reason=reason)
-        _append_status_events(task.group_id, blocked, TaskStatus.BLOCKED)
+        _append_fallout_events(task.group_id, fallout)
         if live:
             request_matching(task.group_id)  # their agents have capacity again
         for attempt in live:
@@ -368,9 +520,7 @@ def task_retry(*, actor: AbstractBaseUser, task: Task) -> Task:
                 f"{current.status}).",
                 code="not_retryable",
             )
-        new_status = _status_from_dependencies(
-            current.dependencies.values_list("status", flat=True)
-        )
+        new_status = _readiness(current, current.dependencies.values_list("status", flat=True))
         if new_status == TaskStatus.BLOCKED:
             raise InvalidTransition(
                 "A dependency of this task failed or was cancelled; retry that first.",
@@ -392,6 +542,10 @@ def task_retry(*, actor: AbstractBaseUser, task: Task) -> Task:
         _append_status_events(task.group_id, unblocked, TaskStatus.WAITING)
         if new_status == TaskStatus.READY:
             request_matching(task.group_id)
+        elif _status_from_dependencies(current.dependencies.values_list("status", flat=True)) == (
+            TaskStatus.READY
+        ):
+            _ask_to_start(current)
     current.refresh_from_db()
     return current
 
@@ -680,7 +834,9 @@ def attempt_decline(*, attempt_id: int, agent: Agent, epoch: int, reason: str) -
             agent_id=agent.id,
             payload={"status": TaskStatus.READY, "reason": reason[:1000]},
         )
-        request_matching(attempt.task.group_id)
+        from apps.tasks.matching import request_matching_for_agent
+
+        request_matching_for_agent(attempt.task.group_id, agent.id, whole_group=True)
 
 
 def attempt_complete(*, attempt_id: int, agent: Agent, epoch: int, result: Any) -> Attempt:
@@ -697,25 +853,39 @@ def attempt_complete(*, attempt_id: int, agent: Agent, epoch: int, result: Any) 
             result=result,
             lease_expires_at=None,
         )
-        _cas_task(attempt, TaskStatus.RUNNING, status=TaskStatus.SUCCEEDED, result=result)
+        # review_result: the result waits for a human (task_result_accept) before it counts.
+        review = attempt.task.checkpoint_policy == CheckpointPolicy.REVIEW_RESULT
+        _cas_task(
+            attempt,
+            TaskStatus.RUNNING,
+            status=TaskStatus.REVIEW if review else TaskStatus.SUCCEEDED,
+            result=None if review else result,
+        )
         agent_record_outcome(
             agent_id=agent.id, succeeded=True, toolkits=attempt.task.required_toolkits
         )
         refresh_agent_load(agent.id)
-        released = _release_dependents(attempt.task_id)
+        released = [] if review else _release_dependents(attempt.task_id)
         group_id = attempt.task.group_id
-        # Released dependents, and the agent's freed capacity. Asked first, so that on
+        # The agent's freed capacity, and released dependents. Asked first, so that on
         # commit the matcher is on its way before the events are broadcast.
-        request_matching(group_id)
+        from apps.tasks.matching import request_matching_for_agent
+
+        request_matching_for_agent(group_id, agent.id, whole_group=bool(released))
+        status = TaskStatus.REVIEW if review else TaskStatus.SUCCEEDED
         event_append(
             group_id=group_id,
-            kind="task.succeeded",
+            kind=f"task.{status}",
             task_id=attempt.task_id,
             attempt_id=attempt.id,
             agent_id=agent.id,
-            payload={"status": TaskStatus.SUCCEEDED, "epoch": epoch},
+            payload={"status": status, "epoch": epoch},
         )
         _append_status_events(group_id, released, TaskStatus.READY)
+        if review:
+            _raise_review_checkpoint(task=attempt.task, attempt=attempt, result=result)
+        else:
+            _ask_to_start_dependents(attempt.task_id)
     attempt.refresh_from_db()
     return attempt
 
@@ -756,7 +926,8 @@ def _end_attempt(
         agent_id=attempt.agent_id, succeeded=False, toolkits=task.required_toolkits
     )
     refresh_agent_load(attempt.agent_id)
-    blocked = _propagate_block([attempt.task_id]) if next_status == TaskStatus.FAILED else []
+    failed = next_status == TaskStatus.FAILED
+    fallout = _propagate_block([attempt.task_id]) if failed else _Fallout()
     event_append(
         group_id=task.group_id,
         kind=f"attempt.{outcome}",
@@ -765,10 +936,12 @@ def _end_attempt(
         agent_id=agent_id,
         payload={"status": next_status, "reason": reason[:2000], "retryable": retryable},
     )
-    _append_status_events(task.group_id, blocked, TaskStatus.BLOCKED)
+    _append_fallout_events(task.group_id, fallout)
     if retryable and out_of_attempts:
         _raise_exhausted_checkpoint(task=task, attempts=used, reason=reason)
-    request_matching(task.group_id)  # the agent's freed capacity
+    from apps.tasks.matching import request_matching_for_agent
+
+    request_matching_for_agent(task.group_id, attempt.agent_id, whole_group=False)
     if not_before is not None:
         request_matching(task.group_id, after=not_before - now)  # the task, when it may go
     return next_status
@@ -851,6 +1024,173 @@ def attempt_progress(*, attempt_id: int, agent: Agent, epoch: int, kind: str, pa
             payload=payload,
         )
     return event.seq
+
+
+# --- checkpoint outcomes -----------------------------------------------------------------
+# Called by apps.checkpoints.services inside the decision's (or expiry's) transaction, after
+# it checked the decider's role and locked the task row: no role checks here.
+
+
+def _raise_review_checkpoint(*, task: Task, attempt: Attempt, result: Any) -> None:
+    from apps.checkpoints.models import CheckpointKind, CheckpointSource
+    from apps.checkpoints.services import checkpoint_raise
+
+    shown = json.dumps(result, ensure_ascii=False, default=str)
+    checkpoint_raise(
+        group=task.group,
+        task=task,
+        attempt=attempt,
+        source=CheckpointSource.POLICY,
+        kind=CheckpointKind.REVIEW,
+        title=f"Review the result of task #{task.id}: {task.title}"[:200],
+        details=f"Result of attempt {attempt.epoch}:\n{shown[:8000]}",
+    )
+
+
+def task_start_approve(*, task_id: int, actor_id: int | None = None) -> str:
+    """A human approved the task's start: it becomes ready once its dependencies have all
+    succeeded (and no other before-start checkpoint is pending). Returns its status."""
+    now = timezone.now()
+    with transaction.atomic():
+        Task.objects.filter(id=task_id).update(start_approved_at=now)
+        task = Task.objects.get(id=task_id)
+        statuses = task.dependencies.values_list("status", flat=True)
+        if task.status != TaskStatus.WAITING or _readiness(task, statuses) != TaskStatus.READY:
+            return task.status
+        if not Task.objects.filter(id=task_id, status=TaskStatus.WAITING).update(
+            status=TaskStatus.READY
+        ):
+            raise InvalidTransition("The task changed meanwhile; reload it.", code="conflict")
+        request_matching(task.group_id)
+        event_append(
+            group_id=task.group_id,
+            kind="task.ready",
+            task_id=task_id,
+            actor_id=actor_id,
+            payload={"status": TaskStatus.READY, "reason": "start approved"},
+        )
+    return TaskStatus.READY
+
+
+def task_start_reject(*, task_id: int, reason: str) -> list[int]:
+    """A human rejected the task's start (or the before-start checkpoint expired): the task
+    is cancelled with its sub-tree; its dependents follow their policies."""
+    task = Task.objects.get(id=task_id)
+    if task.status in TERMINAL_TASK_STATUSES:
+        return []
+    return _task_cancel(task=task, reason=reason)
+
+
+def _attempt_under_review(task_id: int) -> tuple[Task, Attempt]:
+    task = Task.objects.get(id=task_id)
+    attempt = Attempt.objects.filter(
+        task_id=task_id, epoch=task.epoch, status=AttemptStatus.SUCCEEDED
+    ).first()
+    if task.status != TaskStatus.REVIEW or attempt is None:
+        raise InvalidTransition(
+            f"Task {task_id} has no result under review (it is {task.status}).",
+            code="not_in_review",
+        )
+    return task, attempt
+
+
+def task_result_accept(*, task_id: int, actor_id: int | None = None) -> Task:
+    """The reviewed result is accepted: the task succeeds with it and its dependents are
+    released, as if the attempt had just completed without a review."""
+    with transaction.atomic():
+        task, attempt = _attempt_under_review(task_id)
+        updated = Task.objects.filter(
+            id=task_id, status=TaskStatus.REVIEW, epoch=attempt.epoch
+        ).update(status=TaskStatus.SUCCEEDED, result=attempt.result, feedback="")
+        if updated != 1:
+            raise InvalidTransition("The task changed meanwhile; reload it.", code="conflict")
+        released = _release_dependents(task_id)
+        if released:
+            request_matching(task.group_id)
+        event_append(
+            group_id=task.group_id,
+            kind="task.succeeded",
+            task_id=task_id,
+            attempt_id=attempt.id,
+            agent_id=attempt.agent_id,
+            actor_id=actor_id,
+            payload={"status": TaskStatus.SUCCEEDED, "epoch": attempt.epoch, "reviewed": True},
+        )
+        _append_status_events(task.group_id, released, TaskStatus.READY)
+        _ask_to_start_dependents(task_id)
+    task.refresh_from_db()
+    return task
+
+
+def _reject_reviewed_attempt(attempt: Attempt, reason: str) -> None:
+    if not Attempt.objects.filter(id=attempt.id, status=AttemptStatus.SUCCEEDED).update(
+        status=AttemptStatus.REJECTED, failure_reason=reason[:2000]
+    ):
+        raise InvalidTransition("The attempt changed meanwhile; reload it.", code="conflict")
+
+
+def task_result_reject(*, task_id: int, note: str = "", actor_id: int | None = None) -> Task:
+    """The reviewed result is rejected (or its review expired): the attempt becomes
+    `rejected` and the task fails for good, whatever attempts it has left (a reviewer who
+    wants another try asks for changes instead; a member may still retry it). Its
+    dependents follow their dependency-failure policies."""
+    with transaction.atomic():
+        task, attempt = _attempt_under_review(task_id)
+        reason = f"rejected at review: {note}" if note else "rejected at review"
+        _reject_reviewed_attempt(attempt, reason)
+        updated = Task.objects.filter(
+            id=task_id, status=TaskStatus.REVIEW, epoch=attempt.epoch
+        ).update(status=TaskStatus.FAILED)
+        if updated != 1:
+            raise InvalidTransition("The task changed meanwhile; reload it.", code="conflict")
+        fallout = _propagate_block([task_id])
+        event_append(
+            group_id=task.group_id,
+            kind="attempt.rejected",
+            task_id=task_id,
+            attempt_id=attempt.id,
+            agent_id=attempt.agent_id,
+            actor_id=actor_id,
+            payload={"status": TaskStatus.FAILED, "reason": reason},
+        )
+        _append_fallout_events(task.group_id, fallout)
+    task.refresh_from_db()
+    return task
+
+
+def task_result_request_changes(
+    *, task_id: int, note: str, actor_id: int | None = None
+) -> Attempt | None:
+    """The reviewer asks for changes: the attempt becomes `rejected` (not counted against
+    max_attempts), the task goes back to ready with the note as its `feedback` (sent with
+    the task in the next assignments), and is offered at once to the agent that made the
+    result when it can take it; otherwise the matcher finds one. Returns that offer."""
+    with transaction.atomic():
+        task, attempt = _attempt_under_review(task_id)
+        _reject_reviewed_attempt(attempt, f"changes requested: {note}" if note else "changes")
+        updated = Task.objects.filter(
+            id=task_id, status=TaskStatus.REVIEW, epoch=attempt.epoch
+        ).update(status=TaskStatus.READY, feedback=note, not_before=None)
+        if updated != 1:
+            raise InvalidTransition("The task changed meanwhile; reload it.", code="conflict")
+        event_append(
+            group_id=task.group_id,
+            kind="attempt.changes_requested",
+            task_id=task_id,
+            attempt_id=attempt.id,
+            agent_id=attempt.agent_id,
+            actor_id=actor_id,
+            payload={"status": TaskStatus.READY, "note": note},
+        )
+        try:
+            return task_assign(
+                task_id=task_id,
+                agent_id=attempt.agent_id,
+                choice={"reason": "changes requested at review: the agent that made the result"},
+            )
+        except DomainError:  # that agent cannot take it now (its savepoint rolled back)
+            request_matching(task.group_id)
+            return None
 
 
 # --- artifacts ---------------------------------------------------------------------------

@@ -21,3 +21,18 @@ def match_all() -> int:
 def sweep_leases() -> int:
     """Silent agents first (their attempts go at once), then expired leases."""
     return agents_sweep_silent() + attempts_sweep_expired()
+
+
+@shared_task(
+    name="claw.plan_task",
+    ignore_result=True,
+    acks_late=True,
+    soft_time_limit=1200,
+    time_limit=1260,
+)
+def plan_task(task_id: int, request_id: int) -> str:
+    """Make the plan for one request (apps.tasks.planner): idempotent per request. Its
+    time limits cover two long model calls (a retry with the validation error)."""
+    from apps.tasks.planner import plan_generate
+
+    return plan_generate(task_id=task_id, request_id=request_id)

@@ -82,6 +82,33 @@ def add_commands(subparsers) -> None:
         "--grace", type=float, default=30.0, help="seconds running attempts get on stop"
     )
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    llm = run.add_argument_group(
+        "model", "run tasks that have instructions but no steps with a model (claw.device.llm)"
+    )
+    llm.add_argument(
+        "--llm",
+        action="store_true",
+        help="declare the llm toolkit and run such tasks in a tool-calling loop",
+    )
+    llm.add_argument("--llm-model", default="kimi-k2.6", help="model name (default kimi-k2.6)")
+    llm.add_argument(
+        "--llm-base-url",
+        default=None,
+        help="OpenAI-compatible endpoint (default: the server's gateway, SERVER/v1, with the "
+        "device token as the key)",
+    )
+    llm.add_argument("--llm-api-key", default=None, help="default: the device token")
+    llm.add_argument("--llm-max-turns", type=int, default=50, help="model calls per attempt")
+    llm.add_argument(
+        "--llm-context-tokens",
+        type=int,
+        default=200_000,
+        help="conversation budget before old tool outputs are shortened (default 200000)",
+    )
+    llm.add_argument(
+        "--llm-chars-per-token", type=float, default=3.5, help="token estimate (default 3.5)"
+    )
+    llm.add_argument("--llm-temperature", type=float, default=None)
     run.set_defaults(func=cmd_agent_run)
 
 
@@ -116,6 +143,25 @@ def _setup_logging(name: str, level: str) -> None:
     logger.propagate = False
 
 
+def _llm_toolkit(args: argparse.Namespace, config):
+    from claw.device.llm import LLMSettings, LLMToolkit
+
+    server = config.server.rstrip("/")
+    return LLMToolkit(
+        LLMSettings(
+            base_url=args.llm_base_url or f"{server}/v1",
+            api_key=args.llm_api_key or config.token,
+            model=args.llm_model,
+            max_turns=args.llm_max_turns,
+            context_tokens=args.llm_context_tokens,
+            chars_per_token=args.llm_chars_per_token,
+            temperature=args.llm_temperature,
+            server=server,
+            token=config.token,
+        )
+    )
+
+
 def cmd_agent_run(args: argparse.Namespace) -> int:
     _setup_logging(args.name, args.log_level)
     path = config_path(args.config)
@@ -124,7 +170,9 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"claw: {exc}", file=sys.stderr)
         return 2
-    if not args.toolkits:
+    use_llm = args.llm or "llm" in args.toolkits
+    args.toolkits = [slug for slug in args.toolkits if slug != "llm"]
+    if not args.toolkits and not use_llm:
         print(
             "claw: name the toolkits this agent may use, e.g. --toolkit shell --toolkit files "
             f"(available: {', '.join(available_toolkits())})",
@@ -139,6 +187,11 @@ def cmd_agent_run(args: argparse.Namespace) -> int:
     except ToolkitNotFound as exc:
         print(f"claw: {exc}", file=sys.stderr)
         return 2
+    if use_llm:
+        if args.llm_max_turns < 1 or args.llm_context_tokens < 1000:
+            print("claw: --llm-max-turns ≥ 1 and --llm-context-tokens ≥ 1000", file=sys.stderr)
+            return 2
+        toolkits["llm"] = _llm_toolkit(args, config)
     state = state_dir(path, args.name)
     workdir = Path(args.workdir).expanduser() if args.workdir else state / "work"
     client = AgentClient(

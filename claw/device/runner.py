@@ -3,12 +3,21 @@
 * Each step ends with a `progress` frame of kind `step`: `{"index", "tool", "args", "ok",
   "output"}` (+ `"error"`), strings shortened to keep frames small.
 * A step whose tool is `checkpoint` (args: `title`, `details`, `options`) sends
-  `checkpoint_request` and waits for the `decision`: approved → go on; rejected, changes
-  requested or expired → the attempt fails (not retryable); cancelled → stop quietly (the
-  task was cancelled).
+  `checkpoint_request` and waits for the `decision`: approved → go on; rejected or expired →
+  the attempt fails (not retryable); cancelled → stop quietly (the task was cancelled).
+  Changes requested → the note is new input: it is logged as a `progress` item of kind
+  `log` (`{"index", "checkpoint_id", "changes_requested": note, "round"}`), kept in
+  `AttemptRunner.feedback`, and the checkpoint step runs again, its details now listing the
+  notes so far, so the humans see what was asked and can approve or reject. Explicit steps
+  cannot change themselves, so after MAX_CHANGE_ROUNDS such rounds the attempt fails (not
+  retryable). A runtime with a model would pass `feedback` to its loop instead.
+* A task whose spec carries `feedback` (a reviewer asked for changes to an earlier result)
+  logs it first (`progress` kind `log`, `{"feedback": note}`), keeps it in
+  `AttemptRunner.feedback`, and reports it back in the result (`"feedback"`).
 * A failing step fails the attempt, retryable only when the tool said so (a timeout, say).
 * All steps done → `complete` with `{"steps": [summaries]}`.
-* A task without steps is declined (`missing_tool`, "no model runtime yet").
+* A task without steps is run by the model loop (claw.device.llm) when the agent has the
+  `llm` toolkit (`claw agent run --llm`), and declined (`missing_tool`) otherwise.
 
 A journal file per attempt (in the agent's state folder) records the steps done and the next
 progress seq once the server acknowledged them, so an agent restarted after a crash resumes
@@ -34,6 +43,7 @@ from claw.device.toolkits import ToolContext, ToolError, Toolkit, resolve_tool
 logger = logging.getLogger("claw.device")
 
 CHECKPOINT_TOOL = "checkpoint"
+MAX_CHANGE_ROUNDS = 3
 PROGRESS_STRING_CHARS = 4000
 RESULT_BUDGET = protocol.MAX_RESULT_BYTES - 8 * 1024
 NO_MODEL = "no model runtime yet: this agent runs explicit steps only"
@@ -100,6 +110,8 @@ def check_task(task: protocol.TaskSpec, toolkits: dict[str, Toolkit]) -> tuple[s
     if missing:
         return "missing_tool", f"this agent lacks toolkit(s) {', '.join(missing)}"
     if not task.steps:
+        if getattr(toolkits.get("llm"), "runs_tasks", False):
+            return None
         return "missing_tool", NO_MODEL
     for index, step in enumerate(task.steps):
         tool = step.get("tool")
@@ -185,6 +197,9 @@ class AttemptRunner:
         self.accepted = assignment.status == "running"
         self.finishing = False  # its complete or fail has been sent
         self.outcome: str | None = None
+        # Notes from humans, oldest first: the task's review feedback, then changes
+        # requested at this attempt's checkpoints. New input for whatever runs the task.
+        self.feedback: list[str] = [assignment.task.feedback] if assignment.task.feedback else []
 
     @property
     def ids(self) -> dict[str, int]:
@@ -228,8 +243,17 @@ class AttemptRunner:
             state = {"epoch": self.assignment.epoch, "next_seq": 1, "steps": [], "checkpoint": None}
             if self.assignment.status == "running":
                 self._log("resuming from step 0 (no journal on this machine)")
+            if task.feedback:
+                self._log("changes were requested: %s", task.feedback)
+                await self._progress("log", {"feedback": summarize(task.feedback)}, state)
+                self.journal.save(state)
         else:
             self._log("resuming at step %d (journal)", len(state["steps"]))
+
+        if not task.steps:
+            from claw.device.llm import run_llm_loop
+
+            return await run_llm_loop(self, self.toolkits["llm"], state)
 
         for index in range(len(state["steps"]), len(task.steps)):
             step = task.steps[index]
@@ -271,6 +295,8 @@ class AttemptRunner:
                 return "failed"
 
         result = {"steps": fit(state["steps"], RESULT_BUDGET - 100)}
+        if task.feedback:
+            result["feedback"] = summarize(task.feedback, 2000)
         self.finishing = True
         await self.session.request(protocol.Complete, **self.ids, result=result)
         self._log("succeeded")
@@ -300,26 +326,51 @@ class AttemptRunner:
         return summarize(json.loads(json.dumps(output, default=str))), None
 
     async def _checkpoint(self, index: int, args: dict, state: dict) -> tuple[dict, Failure | None]:
-        pending = state.get("checkpoint")
-        if pending and pending["index"] == index:
-            checkpoint_id = pending["id"]
-        else:
-            options = args.get("options") or []
-            answer = await self.session.request(
-                protocol.CheckpointRequest,
-                **self.ids,
-                title=clean(str(args.get("title") or f"Checkpoint at step {index}"))[:200],
-                details=clean(str(args.get("details") or ""))[:20000],
-                options=[clean(str(option))[:100] for option in options[:10]],
+        notes: list[str] = []
+        while True:
+            pending = state.get("checkpoint")
+            if pending and pending["index"] == index:
+                checkpoint_id, notes = pending["id"], pending.get("notes", [])
+            else:
+                options = args.get("options") or []
+                details = clean(str(args.get("details") or ""))
+                if notes:
+                    asked = "\n".join(f"- {clean(note)}" for note in notes)
+                    details = f"{details}\n\nChanges requested so far:\n{asked}".strip()
+                answer = await self.session.request(
+                    protocol.CheckpointRequest,
+                    **self.ids,
+                    title=clean(str(args.get("title") or f"Checkpoint at step {index}"))[:200],
+                    details=details[-20000:],
+                    options=[clean(str(option))[:100] for option in options[:10]],
+                )
+                checkpoint_id = answer["checkpoint_id"]
+                state["checkpoint"] = {"index": index, "id": checkpoint_id, "notes": notes}
+                self.journal.save(state)
+            self._log("waiting for a decision on checkpoint %s", checkpoint_id)
+            decision = await self.session.wait_decision(checkpoint_id)
+            state["checkpoint"] = None
+            self._log("checkpoint %s: %s", checkpoint_id, decision.status)
+            if decision.status != "changes_requested" or len(notes) >= MAX_CHANGE_ROUNDS:
+                break
+            # New input from the humans: log it, keep it, and ask again.
+            notes = [*notes, decision.note]
+            self.feedback.append(decision.note)
+            await self._progress(
+                "log",
+                {
+                    "index": index,
+                    "checkpoint_id": checkpoint_id,
+                    "changes_requested": summarize(decision.note),
+                    "round": len(notes),
+                },
+                state,
             )
-            checkpoint_id = answer["checkpoint_id"]
-            state["checkpoint"] = {"index": index, "id": checkpoint_id}
             self.journal.save(state)
-        self._log("waiting for a decision on checkpoint %s", checkpoint_id)
-        decision = await self.session.wait_decision(checkpoint_id)
-        state["checkpoint"] = None
+            await self.session.confirm_decision(checkpoint_id)
         output = {"checkpoint_id": checkpoint_id, "status": decision.status, "note": decision.note}
-        self._log("checkpoint %s: %s", checkpoint_id, decision.status)
+        if notes:
+            output["changes_requested"] = notes
         note = f": {decision.note}" if decision.note else ""
         match decision.status:
             case "approved":
@@ -327,7 +378,10 @@ class AttemptRunner:
             case "rejected":
                 return output, Failure(f"checkpoint rejected{note}")
             case "changes_requested":
-                return output, Failure(f"changes requested{note}")
+                return output, Failure(
+                    f"changes requested{note} (asked {len(notes) + 1} times; these explicit "
+                    "steps cannot change themselves)"
+                )
             case "expired":
                 return output, Failure("the checkpoint expired without a decision")
             case _:

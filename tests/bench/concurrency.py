@@ -81,6 +81,9 @@ def _setup(races: int, workers: int, kind: str) -> dict:
             attempt = task_assign(task_id=task.id, agent_id=agent.id)
             attempt_accept(attempt_id=attempt.id, agent=agent, epoch=attempt.epoch)
             attempts.append(attempt.id)
+        # Ending an attempt matches its agent again at once (request_matching_for_agent):
+        # a drained device takes no new work, so each task keeps its one raced attempt.
+        Device.objects.filter(id=agent.device_id).update(draining=True)
     return {
         "group_id": group.id,
         "agents": agents,

@@ -545,11 +545,15 @@ def wait_disconnected(group_id: int, timeout: float) -> tuple[float, int]:
 
 def server_command(kind: str, port: int) -> list[str]:
     bindir = Path(sys.executable).parent
+    from claw.cli import APPLICATION_CLOSE_TIMEOUT_S
+
     limit = str(256 * 1024)  # as `claw up` runs Daphne (claw/cli.py)
     if kind == "daphne":
         return [
             *(str(bindir / "daphne"), "-b", "127.0.0.1", "-p", str(port), "-v", "0"),
-            *("--websocket-max-message-size", limit, "claw.asgi:application"),
+            *("--websocket-max-message-size", limit),
+            *("--application-close-timeout", str(APPLICATION_CLOSE_TIMEOUT_S)),
+            "claw.asgi:application",
         ]
     if kind == "uvicorn":
         return [

@@ -1,0 +1,77 @@
+"""Writes finished gateway calls off the request path: the views hand each CallRecord to
+METER, whose one thread stores whatever has queued up meanwhile as one batch
+(services.model_calls_record). Under load that is one transaction per group for many
+calls; when idle, a call is stored a few milliseconds after it ends. Records still queued
+when the process exits are written on the way out (up to FLUSH_ON_EXIT_S)."""
+
+import atexit
+import logging
+import queue
+import threading
+import time
+
+from django.db import close_old_connections, connection
+
+from apps.llm.services import CallRecord, model_calls_record
+
+logger = logging.getLogger(__name__)
+
+BATCH_MAX = 500
+FLUSH_ON_EXIT_S = 5.0
+
+
+class Meter:
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[CallRecord] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._pending = 0
+        self._thread: threading.Thread | None = None
+
+    def submit(self, record: CallRecord) -> None:
+        """Queue a record; never blocks and never raises into the caller."""
+        with self._lock:
+            self._pending += 1
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._run, name="claw-llm-meter", daemon=True
+                )
+                self._thread.start()
+        self._queue.put(record)
+
+    def flush(self, timeout: float = FLUSH_ON_EXIT_S) -> bool:
+        """Wait until every submitted record is stored (or dropped); False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < BATCH_MAX:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                self._write(batch)
+            finally:
+                with self._idle:
+                    self._pending -= len(batch)
+                    if self._pending == 0:
+                        self._idle.notify_all()
+
+    def _write(self, batch: list[CallRecord]) -> None:
+        for attempt in (1, 2):
+            try:
+                close_old_connections()
+                model_calls_record(records=batch)
+                return
+            except Exception:
+                logger.exception("storing %d model calls failed (try %d)", len(batch), attempt)
+                connection.close()
+                time.sleep(0.5)
+        logger.error("dropped %d model call records", len(batch))
+
+
+METER = Meter()
+atexit.register(METER.flush)

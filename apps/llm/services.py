@@ -1,0 +1,289 @@
+"""Metering and budgets of the model gateway (apps.llm.views).
+
+Every call that reached the backend is recorded after it ended: a ModelCall row, the
+group's token counter (Group.llm_tokens_used) and an `llm.call` event, in one transaction
+per group for a batch of calls (apps.llm.meter writes them off the request path). A group's
+token budget (Group.llm_token_budget, null: unlimited) is checked before each call; the
+batch that crosses 80 % appends an `llm.budget_alert`, the one that crosses 100 % another
+and raises a `budget` checkpoint that humans approve with "+50%" or "+100%"."""
+
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.core.cache import cache
+from django.db import connection, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from apps.checkpoints.models import Checkpoint, CheckpointKind, CheckpointSource, CheckpointStatus
+from apps.events.services import event_append, event_append_many
+from apps.groups.models import Group
+from apps.llm.models import ModelCall, ModelCallStatus
+
+logger = logging.getLogger(__name__)
+
+ALERT_PERCENT = 80
+BUDGET_OPTIONS = ["+50%", "+100%"]
+# After humans refused to raise the budget, refused calls do not ask again for this long.
+REFUSED_BUDGET_QUIET = timedelta(hours=1)
+# Error codes that say the backend itself is in trouble (for /healthz).
+BACKEND_ERRORS = {"backend_unavailable", "backend_timeout", "backend_error"}
+
+
+@dataclass
+class CallRecord:
+    """What the gateway knows about one finished call; model_calls_record stores it."""
+
+    group_id: int
+    device_id: int | None
+    model: str
+    stream: bool
+    status: str
+    http_status: int
+    latency_ms: int
+    created_at: datetime
+    agent_id: int | None = None
+    task_id: int | None = None
+    attempt_id: int | None = None
+    error_code: str = ""
+    error: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_ms: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def _call_payload(call: ModelCall) -> dict:
+    payload = {
+        "call_id": call.id,
+        "model": call.model,
+        "status": call.status,
+        "prompt_tokens": call.prompt_tokens,
+        "completion_tokens": call.completion_tokens,
+        "ttft_ms": call.ttft_ms,
+        "latency_ms": call.latency_ms,
+    }
+    if call.error_code:
+        payload["error_code"] = call.error_code
+    return payload
+
+
+def _add_tokens(group_id: int, tokens: int) -> tuple[int, int | None]:
+    """Bump the group's counter; returns (used after, budget). Locks the group's row until
+    commit, like event_append, so batches of one group count one at a time."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "UPDATE groups_group SET llm_tokens_used = llm_tokens_used + %s WHERE id = %s "
+            "RETURNING llm_tokens_used, llm_token_budget",
+            [tokens, group_id],
+        )
+        row = cursor.fetchone()
+    if row is None:
+        raise ValueError(f"group {group_id} does not exist")
+    return row[0], row[1]
+
+
+def model_calls_record(*, records: list[CallRecord]) -> list[ModelCall]:
+    """Store finished calls: per group one transaction with the rows, the token counter,
+    one `llm.call` event per call and, where the batch crossed 80 % or 100 % of the budget,
+    an `llm.budget_alert` (and at 100 % the budget checkpoint)."""
+    stored: list[ModelCall] = []
+    by_group: dict[int, list[CallRecord]] = {}
+    for record in records:
+        by_group.setdefault(record.group_id, []).append(record)
+    for group_id, group_records in by_group.items():
+        with transaction.atomic():
+            calls = ModelCall.objects.bulk_create(
+                ModelCall(
+                    group_id=group_id,
+                    device_id=r.device_id,
+                    agent_id=r.agent_id,
+                    task_id=r.task_id,
+                    attempt_id=r.attempt_id,
+                    model=r.model[:200],
+                    stream=r.stream,
+                    status=r.status,
+                    http_status=r.http_status,
+                    error_code=r.error_code[:50],
+                    error=r.error[:500],
+                    prompt_tokens=r.prompt_tokens,
+                    completion_tokens=r.completion_tokens,
+                    ttft_ms=r.ttft_ms,
+                    latency_ms=r.latency_ms,
+                    created_at=r.created_at,
+                )
+                for r in group_records
+            )
+            tokens = sum(r.tokens for r in group_records)
+            alerts: list[dict] = []
+            exhausted = False
+            if tokens:
+                used, budget = _add_tokens(group_id, tokens)
+                before = used - tokens
+                if budget is not None:
+                    for percent in (ALERT_PERCENT, 100):
+                        line = math.ceil(budget * percent / 100)
+                        if before < line <= used:
+                            alerts.append(
+                                {
+                                    "kind": "llm.budget_alert",
+                                    "payload": {"percent": percent, "used": used, "budget": budget},
+                                }
+                            )
+                    exhausted = before < budget <= used
+            event_append_many(
+                group_id=group_id,
+                events=[
+                    {
+                        "kind": "llm.call",
+                        "task_id": call.task_id,
+                        "attempt_id": call.attempt_id,
+                        "agent_id": call.agent_id,
+                        "payload": _call_payload(call),
+                    }
+                    for call in calls
+                ]
+                + alerts,
+            )
+            if exhausted:
+                _budget_checkpoint_raise(group_id)
+        stored += calls
+    llm_status_note(records=records)
+    return stored
+
+
+def _budget_asked(group_id: int) -> bool:
+    """A budget checkpoint is pending, or humans refused one lately."""
+    quiet_since = timezone.now() - REFUSED_BUDGET_QUIET
+    return (
+        Checkpoint.objects.filter(group_id=group_id, kind=CheckpointKind.BUDGET)
+        .filter(
+            Q(status=CheckpointStatus.PENDING)
+            | Q(
+                status__in=[CheckpointStatus.REJECTED, CheckpointStatus.EXPIRED],
+                resolved_at__gte=quiet_since,
+            )
+        )
+        .exists()
+    )
+
+
+def _budget_checkpoint_raise(group_id: int) -> Checkpoint | None:
+    """Raise the budget checkpoint unless one is pending, or humans refused one lately.
+    Runs in the caller's transaction with the group's row locked, so it is raised once."""
+    from apps.checkpoints.services import checkpoint_raise
+
+    if _budget_asked(group_id):
+        return None
+    group = Group.objects.get(id=group_id)
+    return checkpoint_raise(
+        group=group,
+        title="The model token budget is used up",
+        details=(
+            f"The group's agents used {group.llm_tokens_used:,} of {group.llm_token_budget:,} "
+            "model tokens; new model calls are refused until the budget is raised. Approve "
+            "with an option to raise it."
+        ),
+        source=CheckpointSource.SYSTEM,
+        kind=CheckpointKind.BUDGET,
+        options=list(BUDGET_OPTIONS),
+        decider_role="owner",
+    )
+
+
+def budget_exhausted_refuse(*, group_id: int) -> None:
+    """A call was refused for an exhausted budget: make sure humans were asked (a cheap
+    read first; the raise takes the group's row lock and checks again)."""
+    if _budget_asked(group_id):
+        return
+    with transaction.atomic():
+        group = Group.objects.select_for_update(no_key=True).get(id=group_id)
+        if group.llm_token_budget is None or group.llm_tokens_used < group.llm_token_budget:
+            return
+        _budget_checkpoint_raise(group_id)
+
+
+_PERCENT = re.compile(r"^\+\s*(\d{1,4}(?:\.\d+)?)\s*%$")
+
+
+def group_llm_budget_raise(
+    *, group_id: int, option: str, actor_id: int | None = None, checkpoint_id: int | None = None
+) -> int | None:
+    """Raise the group's token budget by an option like "+50%" (of the current budget, or
+    of what was used when the budget was 0). Returns the new budget; None when the group
+    has no budget (unlimited) any more. Called when a budget checkpoint is approved."""
+    match = _PERCENT.match(option.strip()) if option else None
+    percent = float(match.group(1)) if match else 50.0
+    with transaction.atomic():
+        group = Group.objects.select_for_update(no_key=True).get(id=group_id)
+        old = group.llm_token_budget
+        if old is None:
+            return None
+        base = old or group.llm_tokens_used
+        new = old + math.ceil(base * percent / 100)
+        Group.objects.filter(id=group_id).update(llm_token_budget=new)
+        event_append(
+            group_id=group_id,
+            kind="llm.budget_raised",
+            actor_id=actor_id,
+            payload={
+                "from": old,
+                "to": new,
+                "option": option or f"+{percent:g}%",
+                "checkpoint_id": checkpoint_id,
+            },
+        )
+    return new
+
+
+# --- the backend's last known state, for /healthz ---------------------------------------
+
+
+def _status_key() -> str:
+    return f"llm:status:{settings.CLAW_LLM_BASE_URL}"
+
+
+def llm_status_note(*, records: list[CallRecord]) -> None:
+    """Remember the backend's state from the last call that says something about it (an
+    answer, or a backend failure; not an agent that went away or a refusal)."""
+    telling = [
+        r for r in records if r.status == ModelCallStatus.OK or r.error_code in BACKEND_ERRORS
+    ]
+    if not telling:
+        return
+    last = max(telling, key=lambda r: r.created_at)
+    state = {
+        "reachable": last.status == ModelCallStatus.OK,
+        "last_call_at": last.created_at.isoformat(),
+        "last_error": None if last.status == ModelCallStatus.OK else last.error[:300],
+    }
+    try:
+        cache.set(_status_key(), state, timeout=None)
+    except Exception:
+        logger.warning("could not store the model backend's state", exc_info=True)
+
+
+def llm_status() -> dict:
+    """configured / reachable (None: no call yet) / last error, from the last call; never
+    calls the backend, so /healthz stays fast."""
+    if not settings.CLAW_LLM_BASE_URL:
+        return {"configured": False, "reachable": None, "last_error": None}
+    try:
+        state = cache.get(_status_key()) or {}
+    except Exception as exc:
+        state = {"last_error": f"state unavailable: {type(exc).__name__}"}
+    return {
+        "configured": True,
+        "model": settings.CLAW_LLM_MODEL,
+        "reachable": state.get("reachable"),
+        "last_call_at": state.get("last_call_at"),
+        "last_error": state.get("last_error"),
+    }
