@@ -107,7 +107,7 @@ def test_embedded_mode_serves_runs_worker_and_beat_and_stops_on_sigterm(embedded
             Browser(base).sign_in(username, password)
         browser = Browser(base)
         browser.sign_in(username, new_password)
-        assert browser.get("/")[1].count("<strong>Demo group</strong>") == 1
+        assert browser.get("/")[1].count(">Demo group</a>") == 1
         claw.terminate(timeout=10, signum=signal.SIGINT)  # Ctrl-C
         assert claw.popen.returncode == 0, claw.output()
 
