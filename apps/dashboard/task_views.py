@@ -8,16 +8,13 @@ Query counts do not grow with the number of tasks or events (tests/test_dashboar
 pins them)."""
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from functools import wraps
 from urllib.parse import urlencode
 
 from django import forms
 from django.contrib import messages
-from django.contrib.auth.decorators import login_required
-from django.core.exceptions import PermissionDenied
 from django.db.models import Count, F, Q, Window
 from django.db.models.functions import RowNumber
 from django.http import FileResponse, Http404, HttpRequest, HttpResponse
@@ -27,10 +24,10 @@ from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import escape, format_html
-from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.safestring import SafeString, mark_safe
 from django.views.decorators.http import require_POST
 
+from apps.dashboard.access import REFUSED, back, dashboard_view, perform
 from apps.dashboard.graph import Edge, Layout, Node, layout
 from apps.dashboard.live import LiveContext, live_context, live_page
 from apps.dashboard.previews import INLINE_IMAGE_TYPES, artifact_preview
@@ -72,22 +69,6 @@ STATUS_KINDS = ("task.", "attempt.")  # events that may change a task's status o
 
 
 # --- access ------------------------------------------------------------------------------
-
-
-def dashboard_view(view: Callable) -> Callable:
-    """Signed-in only; domain errors become the matching HTTP answers (outsiders 404)."""
-
-    @login_required
-    @wraps(view)
-    def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
-        try:
-            return view(request, *args, **kwargs)
-        except NotFound as exc:
-            raise Http404(exc.message) from None
-        except Forbidden as exc:
-            raise PermissionDenied(exc.message) from None
-
-    return wrapped
 
 
 def _group_and_role(request: HttpRequest, slug: str, role: str = Role.VIEWER) -> tuple[Group, str]:
@@ -405,13 +386,12 @@ def board_live(ctx: LiveContext) -> list[str]:
 def task_cancel_view(request: HttpRequest, slug: str, task_id: int) -> HttpResponse:
     group, _ = _group_and_role(request, slug, Role.MEMBER)
     task = _task_in_group(request, group, task_id)
-    try:
-        cancelled = task_cancel(actor=request.user, task=task, reason="cancelled in the dashboard")
-    except DomainError as exc:
-        if isinstance(exc, NotFound | Forbidden):
-            raise
-        messages.error(request, f"Task #{task.id}: {exc.message}")
-    else:
+    cancelled = perform(
+        request,
+        lambda: task_cancel(actor=request.user, task=task, reason="cancelled in the dashboard"),
+        prefix=f"Task #{task.id}: ",
+    )
+    if cancelled is not REFUSED:
         extra = f" and {len(cancelled) - 1} sub-task(s)" if len(cancelled) > 1 else ""
         messages.success(request, f"Cancelled task #{task.id}{extra}.")
     return _back(request, group, task)
@@ -422,13 +402,11 @@ def task_cancel_view(request: HttpRequest, slug: str, task_id: int) -> HttpRespo
 def task_retry_view(request: HttpRequest, slug: str, task_id: int) -> HttpResponse:
     group, _ = _group_and_role(request, slug, Role.MEMBER)
     task = _task_in_group(request, group, task_id)
-    try:
-        task = task_retry(actor=request.user, task=task)
-    except DomainError as exc:
-        if isinstance(exc, NotFound | Forbidden):
-            raise
-        messages.error(request, f"Task #{task.id}: {exc.message}")
-    else:
+    retried = perform(
+        request, lambda: task_retry(actor=request.user, task=task), prefix=f"Task #{task.id}: "
+    )
+    if retried is not REFUSED:
+        task = retried
         messages.success(request, f"Task #{task.id} is {task.status} again.")
     return _back(request, group, task)
 
@@ -441,13 +419,10 @@ def task_plan_view(request: HttpRequest, slug: str, task_id: int) -> HttpRespons
 
     group, _ = _group_and_role(request, slug, Role.MEMBER)
     task = _task_in_group(request, group, task_id)
-    try:
-        plan_request(actor=request.user, task=task)
-    except DomainError as exc:
-        if isinstance(exc, NotFound | Forbidden):
-            raise
-        messages.error(request, f"Task #{task.id}: {exc.message}")
-    else:
+    planned = perform(
+        request, lambda: plan_request(actor=request.user, task=task), prefix=f"Task #{task.id}: "
+    )
+    if planned is not REFUSED:
         messages.success(
             request, f"Planning task #{task.id}: the plan comes as a checkpoint to approve."
         )
@@ -462,12 +437,7 @@ def _task_in_group(request: HttpRequest, group: Group, task_id: int, **kwargs) -
 
 
 def _back(request: HttpRequest, group: Group, task: Task) -> HttpResponse:
-    target = request.POST.get("next", "")
-    if not url_has_allowed_host_and_scheme(
-        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
-    ):
-        target = f"{_board_url(group)}{task.id}/"
-    return redirect(target, permanent=False)
+    return back(request, f"{_board_url(group)}{task.id}/")
 
 
 # --- creating a task ---------------------------------------------------------------------

@@ -6,26 +6,23 @@ registered with @live_page (the contract: apps.dashboard.live) that redraws its 
 with a fixed number of queries, however many events or tasks there are."""
 
 from collections import defaultdict
-from collections.abc import Callable
 from datetime import timedelta
-from functools import wraps
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import AbstractBaseUser
-from django.core.exceptions import PermissionDenied
 from django.db.models import Count, F, Q, QuerySet
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils import timezone
-from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_http_methods, require_POST
 
 from apps.checkpoints.models import Checkpoint, CheckpointKind, CheckpointStatus
 from apps.checkpoints.selectors import checkpoint_get_for_user
 from apps.checkpoints.services import checkpoint_decide
+from apps.dashboard.access import REFUSED, back, dashboard_view, perform
 from apps.dashboard.forms import (
     DecisionForm,
     DrainForm,
@@ -77,33 +74,9 @@ AGENT_PAGE_KINDS = ("agent.", "device.", "task.", "attempt.")
 MEMBER_PAGE_KINDS = ("member.", "invite.")
 
 
-def domain_errors(view: Callable) -> Callable:
-    """Outsiders get a 404 and members below the needed role a 403, whatever raised it."""
-
-    @wraps(view)
-    def wrapped(request: HttpRequest, *args, **kwargs) -> HttpResponse:
-        try:
-            return view(request, *args, **kwargs)
-        except NotFound as error:
-            raise Http404(error.message) from None
-        except Forbidden as error:
-            raise PermissionDenied(error.message) from None
-
-    return wrapped
-
-
 def _fragment(template: str, context: dict) -> str:
     """A fragment for the page socket: the template's root element, swapped in by id."""
     return render_to_string(template, {**context, "oob": True})
-
-
-def _back(request: HttpRequest, default: str) -> HttpResponse:
-    target = request.POST.get("next", "")
-    if not url_has_allowed_host_and_scheme(
-        target, allowed_hosts={request.get_host()}, require_https=request.is_secure()
-    ):
-        target = default
-    return redirect(target)
 
 
 def _anchor_group(user: AbstractBaseUser) -> Group | None:
@@ -193,34 +166,32 @@ def approvals(request: HttpRequest) -> HttpResponse:
     return render(request, "dashboard/approvals.html", context)
 
 
-@login_required
-@domain_errors
+@dashboard_view
 @require_POST
 def checkpoint_decide_view(request: HttpRequest, checkpoint_id: int) -> HttpResponse:
     checkpoint = checkpoint_get_for_user(user=request.user, checkpoint_id=checkpoint_id)
-    back = reverse("dashboard:approvals")
+    approvals_url = reverse("dashboard:approvals")
     form = DecisionForm(request.POST)
     if not form.is_valid():
         messages.error(request, f"Checkpoint “{checkpoint.title}”: {form_errors_text(form)}")
-        return _back(request, back)
+        return back(request, approvals_url)
     data = form.cleaned_data
-    try:
-        checkpoint_decide(
+    decided = perform(
+        request,
+        lambda: checkpoint_decide(
             actor=request.user,
             checkpoint=checkpoint,
             verdict=data["verdict"],
             note=data["note"],
             option=data["option"],
             assign_to=data["assign_to"],
-        )
-    except (NotFound, Forbidden):
-        raise
-    except DomainError as error:
-        messages.error(request, f"Checkpoint “{checkpoint.title}”: {error.message}")
-        return _back(request, back)
-    verdict = dict(DecisionForm.base_fields["verdict"].choices)[data["verdict"]]
-    messages.success(request, f"{verdict}: “{checkpoint.title}”.")
-    return _back(request, back)
+        ),
+        prefix=f"Checkpoint “{checkpoint.title}”: ",
+    )
+    if decided is not REFUSED:
+        verdict = dict(DecisionForm.base_fields["verdict"].choices)[data["verdict"]]
+        messages.success(request, f"{verdict}: “{checkpoint.title}”.")
+    return back(request, approvals_url)
 
 
 # --- groups --------------------------------------------------------------------------------
@@ -339,8 +310,7 @@ def overview_live(ctx: LiveContext) -> list[str]:
     return _overview_fragments(_overview_data(ctx.group))
 
 
-@login_required
-@domain_errors
+@dashboard_view
 def overview(request: HttpRequest, slug: str) -> HttpResponse:
     group = group_with_role_for_user(user=request.user, slug=slug)
     context = live_context(page="overview", group=group)
@@ -393,15 +363,13 @@ def _members_page(request: HttpRequest, group: Group, **extra) -> HttpResponse:
     return render(request, "dashboard/members.html", context, status=status)
 
 
-@login_required
-@domain_errors
+@dashboard_view
 def members(request: HttpRequest, slug: str) -> HttpResponse:
     group = group_with_role_for_user(user=request.user, slug=slug)
     return _members_page(request, group)
 
 
-@login_required
-@domain_errors
+@dashboard_view
 @require_POST
 def member_role(request: HttpRequest, slug: str, user_id: int) -> HttpResponse:
     group = group_with_role_for_user(user=request.user, slug=slug, role=Role.OWNER)
@@ -409,33 +377,29 @@ def member_role(request: HttpRequest, slug: str, user_id: int) -> HttpResponse:
     form = RoleForm(request.POST)
     if not form.is_valid():
         messages.error(request, form_errors_text(form))
-    else:
-        try:
-            membership_set_role(
+    elif (
+        perform(
+            request,
+            lambda: membership_set_role(
                 actor=request.user, group=group, user=user, role=form.cleaned_data["role"]
-            )
-        except (NotFound, Forbidden):
-            raise
-        except DomainError as error:
-            messages.error(request, error.message)
-        else:
-            messages.success(request, f"{user.get_username()} is now {form.cleaned_data['role']}.")
+            ),
+        )
+        is not REFUSED
+    ):
+        messages.success(request, f"{user.get_username()} is now {form.cleaned_data['role']}.")
     return redirect("dashboard:members", slug=slug)
 
 
-@login_required
-@domain_errors
+@dashboard_view
 @require_POST
 def member_remove(request: HttpRequest, slug: str, user_id: int) -> HttpResponse:
     """Owners remove anyone; a member removing themself leaves (see group_leave)."""
     group = group_with_role_for_user(user=request.user, slug=slug)
     user = member_user_get(group=group, user_id=user_id)
-    try:
-        membership_remove(actor=request.user, group=group, user=user)
-    except (NotFound, Forbidden):
-        raise
-    except DomainError as error:
-        messages.error(request, error.message)
+    removed = perform(
+        request, lambda: membership_remove(actor=request.user, group=group, user=user)
+    )
+    if removed is REFUSED:
         return redirect("dashboard:members", slug=slug)
     if user.pk == request.user.pk:
         messages.success(request, f"You left {group.name}.")
@@ -444,24 +408,20 @@ def member_remove(request: HttpRequest, slug: str, user_id: int) -> HttpResponse
     return redirect("dashboard:members", slug=slug)
 
 
-@login_required
-@domain_errors
+@dashboard_view
 @require_POST
 def group_leave(request: HttpRequest, slug: str) -> HttpResponse:
     group = group_with_role_for_user(user=request.user, slug=slug)
-    try:
-        membership_remove(actor=request.user, group=group, user=request.user)
-    except (NotFound, Forbidden):
-        raise
-    except DomainError as error:
-        messages.error(request, error.message)
+    left = perform(
+        request, lambda: membership_remove(actor=request.user, group=group, user=request.user)
+    )
+    if left is REFUSED:
         return redirect("dashboard:members", slug=slug)
     messages.success(request, f"You left {group.name}.")
     return redirect("dashboard:groups")
 
 
-@login_required
-@domain_errors
+@dashboard_view
 @require_POST
 def invite_create_view(request: HttpRequest, slug: str) -> HttpResponse:
     group = group_with_role_for_user(user=request.user, slug=slug, role=Role.OWNER)
@@ -485,21 +445,14 @@ def invite_create_view(request: HttpRequest, slug: str) -> HttpResponse:
     return _members_page(request, group, new_invite=invite, new_invite_link=link)
 
 
-@login_required
-@domain_errors
+@dashboard_view
 @require_POST
 def invite_revoke_view(request: HttpRequest, slug: str, invite_id: int) -> HttpResponse:
     group = group_with_role_for_user(user=request.user, slug=slug, role=Role.OWNER)
     invite = Invite.objects.filter(id=invite_id, group=group).first()
     if invite is None:
         raise Http404("No such invite in this group.")
-    try:
-        invite_revoke(actor=request.user, invite=invite)
-    except (NotFound, Forbidden):
-        raise
-    except DomainError as error:
-        messages.error(request, error.message)
-    else:
+    if perform(request, lambda: invite_revoke(actor=request.user, invite=invite)) is not REFUSED:
         messages.success(request, "The invite link was revoked.")
     return redirect("dashboard:members", slug=slug)
 
@@ -624,8 +577,7 @@ def _agents_page(request: HttpRequest, group: Group, **extra) -> HttpResponse:
     return render(request, "dashboard/agents.html", context)
 
 
-@login_required
-@domain_errors
+@dashboard_view
 def agents(request: HttpRequest, slug: str) -> HttpResponse:
     group = group_with_role_for_user(user=request.user, slug=slug)
     return _agents_page(request, group)
@@ -635,8 +587,7 @@ def pair_command(*, server: str, code: str) -> str:
     return f"claw device pair --server {server} --code {code}"
 
 
-@login_required
-@domain_errors
+@dashboard_view
 @require_POST
 def pairing_code_create_view(request: HttpRequest, slug: str) -> HttpResponse:
     import segno
@@ -653,70 +604,51 @@ def pairing_code_create_view(request: HttpRequest, slug: str) -> HttpResponse:
     )
 
 
-@login_required
-@domain_errors
+@dashboard_view
 @require_POST
 def device_revoke_view(request: HttpRequest, slug: str, device_id: int) -> HttpResponse:
     group = group_with_role_for_user(user=request.user, slug=slug)
     device = device_get_for_user(user=request.user, device_id=device_id)
     if device.group_id != group.id:
         raise Http404("No such device in this group.")
-    try:
-        device_revoke(actor=request.user, device=device)
-    except (NotFound, Forbidden):
-        raise
-    except DomainError as error:
-        messages.error(request, error.message)
-    else:
+    if perform(request, lambda: device_revoke(actor=request.user, device=device)) is not REFUSED:
         messages.success(request, f"Revoked {device.name}; its agents are offline.")
     return redirect("dashboard:agents", slug=slug)
 
 
-@login_required
-@domain_errors
+def _set_draining(request: HttpRequest, slug: str, target, set_draining) -> HttpResponse:
+    """A device or agent of this group stops taking work (draining=1) or takes it again."""
+    group = group_with_role_for_user(user=request.user, slug=slug)
+    if target.group_id != group.id:
+        raise Http404("No such device or agent in this group.")
+    form = DrainForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, form_errors_text(form))
+    elif perform(request, lambda: set_draining(form.cleaned_data["draining"])) is not REFUSED:
+        state = "draining: no new work" if form.cleaned_data["draining"] else "taking work again"
+        messages.success(request, f"{target.name} is {state}.")
+    return redirect("dashboard:agents", slug=slug)
+
+
+@dashboard_view
 @require_POST
 def device_drain_view(request: HttpRequest, slug: str, device_id: int) -> HttpResponse:
-    group = group_with_role_for_user(user=request.user, slug=slug)
     device = device_get_for_user(user=request.user, device_id=device_id)
-    if device.group_id != group.id:
-        raise Http404("No such device in this group.")
-    form = DrainForm(request.POST)
-    if not form.is_valid():
-        messages.error(request, form_errors_text(form))
-        return redirect("dashboard:agents", slug=slug)
-    draining = form.cleaned_data["draining"]
-    try:
-        device_set_draining(actor=request.user, device=device, draining=draining)
-    except (NotFound, Forbidden):
-        raise
-    except DomainError as error:
-        messages.error(request, error.message)
-    else:
-        state = "draining: no new work" if draining else "taking work again"
-        messages.success(request, f"{device.name} is {state}.")
-    return redirect("dashboard:agents", slug=slug)
+    return _set_draining(
+        request,
+        slug,
+        device,
+        lambda draining: device_set_draining(actor=request.user, device=device, draining=draining),
+    )
 
 
-@login_required
-@domain_errors
+@dashboard_view
 @require_POST
 def agent_drain_view(request: HttpRequest, slug: str, agent_id: int) -> HttpResponse:
-    group = group_with_role_for_user(user=request.user, slug=slug)
     agent = agent_get_for_user(user=request.user, agent_id=agent_id)
-    if agent.group_id != group.id:
-        raise Http404("No such agent in this group.")
-    form = DrainForm(request.POST)
-    if not form.is_valid():
-        messages.error(request, form_errors_text(form))
-        return redirect("dashboard:agents", slug=slug)
-    draining = form.cleaned_data["draining"]
-    try:
-        agent_set_draining(actor=request.user, agent=agent, draining=draining)
-    except (NotFound, Forbidden):
-        raise
-    except DomainError as error:
-        messages.error(request, error.message)
-    else:
-        state = "draining: no new work" if draining else "taking work again"
-        messages.success(request, f"{agent.name} is {state}.")
-    return redirect("dashboard:agents", slug=slug)
+    return _set_draining(
+        request,
+        slug,
+        agent,
+        lambda draining: agent_set_draining(actor=request.user, agent=agent, draining=draining),
+    )
