@@ -118,7 +118,9 @@ def test_a_retried_dependency_unblocks_and_its_success_makes_dependents_ready(pe
     assert statuses(announce) == ["ready"]
 
 
-def test_cancel_policy_cascades(personas, broadcasts, django_capture_on_commit_callbacks):
+def test_cancel_policy_cascades(
+    personas, broadcasts, django_capture_on_commit_callbacks, monkeypatch
+):
     build = new_task(personas, "build")
     deploy = new_task(personas, "deploy", depends_on=[build.id], dependency_failure_policy="cancel")
     # A sub-task of deploy already running somewhere: it goes with its parent.
@@ -131,9 +133,14 @@ def test_cancel_policy_cascades(personas, broadcasts, django_capture_on_commit_c
     )
     report = new_task(personas, "report", depends_on=[child.id])
 
+    from apps.tasks.tasks import match_group
+
+    matched: list[int] = []
+    monkeypatch.setattr(match_group, "delay", matched.append)
     with django_capture_on_commit_callbacks(execute=True):
         run(personas, build, succeed=False)
 
+    assert personas.group.id in matched  # the helper got capacity back: match its group
     assert statuses(build, deploy, child, notify, report) == [
         "failed",
         "cancelled",

@@ -61,16 +61,31 @@ class Meter:
                         self._idle.notify_all()
 
     def _write(self, batch: list[CallRecord]) -> None:
+        """Each group's records are one transaction (model_calls_record), so each group is
+        retried on its own: a group that committed is never stored twice. A group that
+        fails twice is stored record by record, so one bad record loses only itself."""
+        by_group: dict[int, list[CallRecord]] = {}
+        for record in batch:
+            by_group.setdefault(record.group_id, []).append(record)
+        for records in by_group.values():
+            if self._store(records) or len(records) == 1:
+                continue
+            for record in records:
+                self._store([record])
+
+    def _store(self, records: list[CallRecord]) -> bool:
         for attempt in (1, 2):
             try:
                 close_old_connections()
-                model_calls_record(records=batch)
-                return
+                model_calls_record(records=records)
+                return True
             except Exception:
-                logger.exception("storing %d model calls failed (try %d)", len(batch), attempt)
+                logger.exception("storing %d model calls failed (try %d)", len(records), attempt)
                 connection.close()
                 time.sleep(0.5)
-        logger.error("dropped %d model call records", len(batch))
+        if len(records) == 1:
+            logger.error("dropped a model call record of group %s", records[0].group_id)
+        return False
 
 
 METER = Meter()

@@ -346,6 +346,7 @@ class _Fallout:
 
     blocked: list[tuple[int, int]] = field(default_factory=list)  # (task, its dependency)
     cancelled: list[tuple[int, str]] = field(default_factory=list)  # (task, why)
+    freed_agents: bool = False  # cancelled attempts gave agents capacity back
 
 
 def _propagate_block(task_ids: list[int]) -> _Fallout:
@@ -353,10 +354,9 @@ def _propagate_block(task_ids: list[int]) -> _Fallout:
     each dependent's dependency_failure_policy: `block` (blocked until the dependency is
     retried) or `cancel` (cancelled with its sub-tree, whose own dependents follow their
     policies in turn). A blocked task blocks its dependents whatever their policy: a block
-    can still be lifted. Live attempts in a cancelled sub-tree are cancelled and their
-    agents told after commit; the caller appends the events (_append_fallout_events)."""
-    from apps.checkpoints.services import checkpoints_cancel_for_tasks
-
+    can still be lifted. Live work in a cancelled sub-tree is cancelled here (before the
+    caller appends its events: events come last, after the agents are locked); the
+    caller appends the fallout's events with _apply_fallout."""
     fallout = _Fallout()
     queue = deque((task_id, True) for task_id in task_ids)  # (task, failed or cancelled)
     while queue:
@@ -384,33 +384,44 @@ def _propagate_block(task_ids: list[int]) -> _Fallout:
             ).update(status=TaskStatus.BLOCKED):
                 fallout.blocked.append((task_id, dependency))
                 queue.append((task_id, False))
-    cancelled = [task_id for task_id, _ in fallout.cancelled]
-    if cancelled:
-        live = list(
-            Attempt.objects.filter(task_id__in=cancelled, status__in=LIVE_ATTEMPT_STATUSES).values(
-                "id", "agent_id", "epoch", "task_id"
-            )
-        )
-        Attempt.objects.filter(id__in=[a["id"] for a in live]).update(
-            status=AttemptStatus.CANCELLED, ended_at=timezone.now(), lease_expires_at=None
-        )
-        checkpoints_cancel_for_tasks(task_ids=cancelled)
-        for agent_id in sorted({attempt["agent_id"] for attempt in live}):
-            refresh_agent_load(agent_id)
-        for attempt in live:
-            broadcast_on_commit(
-                agent_channel(attempt["agent_id"]),
-                {
-                    "type": "attempt.cancel",
-                    "attempt_id": attempt["id"],
-                    "epoch": attempt["epoch"],
-                    "task_id": attempt["task_id"],
-                },
-            )
+    cascaded = [task_id for task_id, _ in fallout.cancelled]
+    if cascaded:
+        fallout.freed_agents = bool(_cancel_live_work(cascaded))
     return fallout
 
 
-def _append_fallout_events(group_id: int, fallout: _Fallout) -> None:
+def _cancel_live_work(task_ids: list[int]) -> list[dict]:
+    """For tasks just cancelled: cancel their live attempts and pending checkpoints, update
+    their agents' load, and tell the agents after commit. Returns the cancelled attempts."""
+    from apps.checkpoints.services import checkpoints_cancel_for_tasks
+
+    live = list(
+        Attempt.objects.filter(task_id__in=task_ids, status__in=LIVE_ATTEMPT_STATUSES).values(
+            "id", "agent_id", "epoch", "task_id"
+        )
+    )
+    Attempt.objects.filter(id__in=[a["id"] for a in live]).update(
+        status=AttemptStatus.CANCELLED, ended_at=timezone.now(), lease_expires_at=None
+    )
+    checkpoints_cancel_for_tasks(task_ids=task_ids)
+    # Agents in id order, as the matcher locks them: two writers never wait on each other.
+    for agent_id in sorted({attempt["agent_id"] for attempt in live}):
+        refresh_agent_load(agent_id)
+    for attempt in live:
+        broadcast_on_commit(
+            agent_channel(attempt["agent_id"]),
+            {
+                "type": "attempt.cancel",
+                "attempt_id": attempt["id"],
+                "epoch": attempt["epoch"],
+                "task_id": attempt["task_id"],
+            },
+        )
+    return live
+
+
+def _apply_fallout(group_id: int, fallout: _Fallout) -> None:
+    """The events of what _propagate_block did, and a match for the agents it freed."""
     for task_id, dependency in fallout.blocked:
         event_append(
             group_id=group_id,
@@ -425,6 +436,8 @@ def _append_fallout_events(group_id: int, fallout: _Fallout) -> None:
             task_id=task_id,
             payload={"status": TaskStatus.CANCELLED, "reason": why},
         )
+    if fallout.freed_agents:
+        request_matching(group_id)  # their agents have capacity again
 
 
 def _release_dependents(task_id: int) -> list[int]:
@@ -475,36 +488,13 @@ def _task_cancel(*, task: Task, reason: str) -> list[int]:
             .exclude(status__in=TERMINAL_TASK_STATUSES)
             .update(status=TaskStatus.CANCELLED)
         ]
-        now = timezone.now()
-        live = list(
-            Attempt.objects.filter(task_id__in=cancelled, status__in=LIVE_ATTEMPT_STATUSES).values(
-                "id", "agent_id", "epoch", "task_id"
-            )
-        )
-        Attempt.objects.filter(id__in=[a["id"] for a in live]).update(
-            status=AttemptStatus.CANCELLED, ended_at=now, lease_expires_at=None
-        )
-        from apps.checkpoints.services import checkpoints_cancel_for_tasks
-
-        checkpoints_cancel_for_tasks(task_ids=cancelled)
+        # Tasks before agents, as the matcher locks them.
         fallout = _propagate_block(cancelled)
-        # Agents in id order, as the matcher locks them: two writers never wait on each other.
-        for agent_id in sorted({attempt["agent_id"] for attempt in live}):
-            refresh_agent_load(agent_id)
+        live = _cancel_live_work(cancelled)
         _append_status_events(task.group_id, cancelled, TaskStatus.CANCELLED, reason=reason)
-        _append_fallout_events(task.group_id, fallout)
+        _apply_fallout(task.group_id, fallout)
         if live:
             request_matching(task.group_id)  # their agents have capacity again
-        for attempt in live:
-            broadcast_on_commit(
-                agent_channel(attempt["agent_id"]),
-                {
-                    "type": "attempt.cancel",
-                    "attempt_id": attempt["id"],
-                    "epoch": attempt["epoch"],
-                    "task_id": attempt["task_id"],
-                },
-            )
     return cancelled
 
 
@@ -936,7 +926,7 @@ def _end_attempt(
         agent_id=agent_id,
         payload={"status": next_status, "reason": reason[:2000], "retryable": retryable},
     )
-    _append_fallout_events(task.group_id, fallout)
+    _apply_fallout(task.group_id, fallout)
     if retryable and out_of_attempts:
         _raise_exhausted_checkpoint(task=task, attempts=used, reason=reason)
     from apps.tasks.matching import request_matching_for_agent
@@ -1153,7 +1143,7 @@ def task_result_reject(*, task_id: int, note: str = "", actor_id: int | None = N
             actor_id=actor_id,
             payload={"status": TaskStatus.FAILED, "reason": reason},
         )
-        _append_fallout_events(task.group_id, fallout)
+        _apply_fallout(task.group_id, fallout)
     task.refresh_from_db()
     return task
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import httpx
 
+from tests.bench.common import percentile
 from tests.live import (
     PYTHON,
     child_env,
@@ -58,13 +59,6 @@ COUNT_CALLS = """
 from apps.llm.models import ModelCall
 print(ModelCall.objects.filter(status="ok").count(), ModelCall.objects.count())
 """
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 @dataclass

@@ -22,7 +22,6 @@ page's p95 <= 300 ms.
 """
 
 import argparse
-import contextlib
 import io
 import os
 import random
@@ -32,6 +31,8 @@ import time
 import urllib.parse
 from datetime import timedelta
 from pathlib import Path
+
+from tests.bench.common import bench_database, log, percentile
 
 TARGET_P95_MS = 300
 STATUSES = {  # share of the group's tasks in each status
@@ -46,42 +47,6 @@ STATUSES = {  # share of the group's tasks in each status
 }
 TREE = 40  # tasks per root tree
 TOOLKITS = ["shell", "python", "files", "http"]
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-@contextlib.contextmanager
-def bench_database(url: str, keep: bool):
-    """A fresh, migrated database at `url` for this run (dropped afterwards)."""
-    import psycopg
-
-    parsed = urllib.parse.urlparse(url)
-    name = parsed.path.lstrip("/")
-    admin = urllib.parse.urlunparse(parsed._replace(path="/postgres"))
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        import django
-        from django.core.management import call_command
-
-        django.setup()
-        call_command("migrate", verbosity=0)
-        yield
-    finally:
-        from django.db import connections
-
-        connections.close_all()
-        if not keep:
-            with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def populate(total: int, seed: int = 7) -> dict:

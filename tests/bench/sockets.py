@@ -39,10 +39,11 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from tests.bench.common import bench_database, forget_redis_keys, percentile
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 TARGETS = {"agents": 5000, "rss_mb": 300, "progress_per_s": 1000, "p99_ms": 100}
@@ -58,13 +59,6 @@ def raise_open_files() -> tuple[int, int]:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def ms(seconds: float) -> str:
@@ -736,42 +730,6 @@ def bench_server(kind: str, args, env: dict, workdir: Path) -> dict:
         ).count()
         row["stored_answers"] = AgentMessage.objects.filter(agent__group_id=setup.group_id).count()
     return row
-
-
-@contextlib.contextmanager
-def bench_database(url: str, keep: bool):
-    """A fresh, migrated database at `url` for this run (dropped afterwards)."""
-    import psycopg
-
-    parsed = urllib.parse.urlparse(url)
-    name = parsed.path.lstrip("/")
-    admin = urllib.parse.urlunparse(parsed._replace(path="/postgres"))
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        import django
-        from django.core.management import call_command
-
-        django.setup()
-        call_command("migrate", verbosity=0)
-        yield
-    finally:
-        from django.db import connections
-
-        connections.close_all()
-        if not keep:
-            with psycopg.connect(admin, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def forget_redis_keys(redis_url: str, prefix: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(redis_url, socket_timeout=5)
-    keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-    for start in range(0, len(keys), 1000):
-        client.delete(*keys[start : start + 1000])
 
 
 def check_targets(row: dict, args) -> list[str]:
