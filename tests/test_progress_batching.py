@@ -7,6 +7,7 @@ import asyncio
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.db import IntegrityError, OperationalError
 
 from apps.devices import consumers
 from apps.devices.frames import agent_message_once, agent_progress_many
@@ -223,11 +224,11 @@ async def test_sockets_share_batches_and_a_stale_one_fails_alone(personas, monke
 
 
 @pytest.mark.django_db(transaction=True)
-async def test_a_failing_batch_falls_back_to_one_frame_at_a_time(personas, monkeypatch):
+async def test_a_colliding_batch_falls_back_to_one_frame_at_a_time(personas, monkeypatch):
     mine = await database_sync_to_async(running)(personas, personas.agent)
 
     def broken(*, frames):
-        raise RuntimeError("the batch failed")
+        raise IntegrityError("an id raced in elsewhere")
 
     monkeypatch.setattr(consumers, "agent_progress_many", broken)
     ws = await _connected(personas.agent.device.raw_token)
@@ -240,3 +241,28 @@ async def test_a_failing_batch_falls_back_to_one_frame_at_a_time(personas, monke
     assert {a["type"] for a in answers.values()} == {"ack"}
     count = Event.objects.filter(attempt=mine, kind="progress.log").count
     assert await database_sync_to_async(count)() == 3
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_batch_the_database_refuses_fails_each_frame_with_internal_error(
+    personas, monkeypatch
+):
+    mine = await database_sync_to_async(running)(personas, personas.agent)
+    single_writes = []
+
+    def broken(*, frames):
+        raise OperationalError("the database went away")
+
+    monkeypatch.setattr(consumers, "agent_progress_many", broken)
+    monkeypatch.setattr(consumers, "agent_message_once", lambda **kw: single_writes.append(kw))
+    ws = await _connected(personas.agent.device.raw_token)
+    try:
+        for seq in range(1, 4):
+            await ws.send_json_to(progress(mine, seq).model_dump(mode="json"))
+        answers = await _answers(ws, 3)
+    finally:
+        await ws.disconnect()
+    assert {(a["type"], a["code"]) for a in answers.values()} == {("error", "internal_error")}
+    assert single_writes == []  # no slow one-by-one retry against a database that is away
+    count = Event.objects.filter(attempt=mine, kind="progress.log").count
+    assert await database_sync_to_async(count)() == 0

@@ -16,7 +16,13 @@ from functools import partial, wraps
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
-from django.db import DEFAULT_DB_ALIAS, InterfaceError, OperationalError, connections
+from django.db import (
+    DEFAULT_DB_ALIAS,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    connections,
+)
 
 from apps.devices import selectors
 from apps.devices.frames import agent_message_once, agent_progress_many
@@ -112,22 +118,33 @@ class ProgressBatcher:
     async def _write(self, batch: list) -> None:
         frames = [(agent_id, frame) for agent_id, frame, _ in batch]
         try:
-            answers = await db(retried_without_health_check(agent_progress_many))(frames=frames)
-        except Exception:
-            logger.warning("a batch of %d progress frames failed; one by one", len(batch))
-            answers = []
-            for agent_id, frame in frames:
-                try:
-                    answers.append(await db(agent_message_once)(agent_id=agent_id, frame=frame))
-                except Exception as exc:
-                    answers.append(exc)
-        for (_, _, future), answer in zip(batch, answers, strict=True):
-            if future.done():
-                continue
-            if isinstance(answer, Exception):
-                future.set_exception(answer)
-            else:
-                future.set_result(answer)
+            try:
+                answers = await db(retried_without_health_check(agent_progress_many))(frames=frames)
+            except IntegrityError:
+                # An id that raced in through another socket: one by one, each frame gets
+                # its stored answer or lands.
+                logger.warning("a batch of %d progress frames collided; one by one", len(batch))
+                answers = []
+                for agent_id, frame in frames:
+                    try:
+                        answers.append(await db(agent_message_once)(agent_id=agent_id, frame=frame))
+                    except Exception as exc:
+                        answers.append(exc)
+            except Exception as exc:
+                # Anything else (the database away) fails every frame of the batch at once:
+                # each gets internal_error and its agent sends it again.
+                answers = [exc] * len(batch)
+            for (_, _, future), answer in zip(batch, answers, strict=True):
+                if future.done():
+                    continue
+                if isinstance(answer, Exception):
+                    future.set_exception(answer)
+                else:
+                    future.set_result(answer)
+        finally:
+            for _, _, future in batch:  # never leave a socket waiting (a cancelled writer)
+                if not future.done():
+                    future.set_exception(RuntimeError("the progress writer stopped"))
 
 
 _batchers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ProgressBatcher]" = (

@@ -196,7 +196,8 @@ def agent_progress_many(*, frames: list[tuple[int, protocol.Progress]]) -> list[
     like any answer, and the others land), a replayed id gets its stored answer, and a
     frame repeated within the batch gets the answer of its first copy. Events are numbered
     in arrival order, so an attempt's progress keeps its order. Callers fall back to
-    agent_message_once per frame if this raises (an id that raced in elsewhere).
+    agent_message_once per frame if this raises IntegrityError (an id that raced in
+    elsewhere).
     """
     keys = list(dict.fromkeys((agent_id, frame.id) for agent_id, frame in frames))
     stored = {
