@@ -477,7 +477,7 @@ def _grow(personas, n: int) -> None:
 def test_renderer_query_counts_do_not_grow_with_events_or_tasks(personas, page):
     _grow(personas, 2)
     events = list(Event.objects.filter(group=personas.group).order_by("seq"))
-    resync = page == "members"  # task events do not concern it
+    resync = page in ("members", "groups")  # task events do not concern them
     _, few = _render(page, personas, events=events, resync=resync)
     _grow(personas, 12)
     events = list(Event.objects.filter(group=personas.group).order_by("seq"))
@@ -490,6 +490,8 @@ def test_renderers_skip_events_that_do_not_concern_them(personas):
     task = task_create(group=personas.group, actor=personas.member, title="T")
     events = list(Event.objects.filter(task=task))
     assert _render("members", personas, events=events)[0] == []
+    assert _render("groups", personas, events=events)[0] == []
+    assert _render("approvals", personas, events=events)[0] == []
     assert _render("overview", personas)[0] == []
     fragments, _ = _render("overview", personas, resync=True)
     assert [re.search(r'id="([^"]+)"', f).group(1) for f in fragments] == [

@@ -17,7 +17,7 @@ from urllib.parse import parse_qsl
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from apps.dashboard.live import COALESCE_SECONDS, PAGES, RESYNC_AFTER, LiveContext
+from apps.dashboard.live import BADGE_KINDS, COALESCE_SECONDS, PAGES, RESYNC_AFTER, LiveContext
 from apps.events.broadcast import group_channel
 from apps.events.models import Event
 from apps.groups.models import Group, Membership
@@ -33,9 +33,6 @@ MAX_PARAM_CHARS = 100
 CLOSE_BAD_REQUEST = 4400
 CLOSE_FORBIDDEN = 4403
 
-# Event kinds that may change which checkpoints a person can decide (the badge): the
-# checkpoint's own events, role changes, and cancelled tasks (their checkpoints go too).
-BADGE_KINDS = ("checkpoint.", "member.", "task.cancelled")
 CROSS_GROUP_PAGES = frozenset({"approvals", "groups"})
 
 

@@ -33,6 +33,10 @@ from apps.groups.models import Group
 
 COALESCE_SECONDS = 0.05
 RESYNC_AFTER = 500
+# Event kinds that may change which checkpoints a person can decide (the approvals badge
+# and inbox): the checkpoint's own events, role changes, and cancelled tasks (their
+# checkpoints go too).
+BADGE_KINDS = ("checkpoint.", "member.", "task.cancelled")
 
 
 @dataclass
@@ -45,6 +49,10 @@ class LiveContext:
     # New events since the last render, in seq order; empty on resync.
     events: list[Event] = field(default_factory=list)
     resync: bool = False
+
+    def touches(self, kinds: tuple[str, ...]) -> bool:
+        """A resync, or an event of one of these kinds (prefixes): worth a redraw."""
+        return self.resync or any(event.kind.startswith(kinds) for event in self.events)
 
 
 LiveRenderer = Callable[[LiveContext], list[str]]

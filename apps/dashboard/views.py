@@ -11,7 +11,7 @@ from datetime import timedelta
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Count, F, Q, QuerySet
+from django.db.models import Count, F, Q
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
@@ -20,7 +20,11 @@ from django.utils import timezone
 from django.views.decorators.http import require_http_methods, require_POST
 
 from apps.checkpoints.models import Checkpoint, CheckpointKind, CheckpointStatus
-from apps.checkpoints.selectors import checkpoint_get_for_user
+from apps.checkpoints.selectors import (
+    checkpoint_get_for_user,
+    checkpoints_pending_count_for_user,
+    checkpoints_pending_for_user,
+)
 from apps.checkpoints.services import checkpoint_decide
 from apps.dashboard.access import REFUSED, back, dashboard_view, perform
 from apps.dashboard.forms import (
@@ -32,7 +36,7 @@ from apps.dashboard.forms import (
     TokenCreateForm,
     form_errors_text,
 )
-from apps.dashboard.live import LiveContext, live_context, live_page
+from apps.dashboard.live import BADGE_KINDS, LiveContext, live_context, live_page
 from apps.devices.models import Agent, AgentStatus, Device
 from apps.devices.selectors import agent_get_for_user, device_get_for_user
 from apps.devices.services import (
@@ -93,50 +97,24 @@ def _cross_group_live(user: AbstractBaseUser, page: str) -> dict:
 # --- approvals (shared by the badge, the inbox and the overview) --------------------------
 
 
-def pending_checkpoints_for_user(*, user: AbstractBaseUser) -> QuerySet[Checkpoint]:
-    """Pending checkpoints the user may decide now: in their groups, their role at least the
-    checkpoint's decider role, not expired, not already decided by them.
-    (apps.checkpoints.selectors had no such selector when this was written.)"""
-    approver_groups = Membership.objects.filter(
-        user_id=user.pk, role__in=[Role.APPROVER, Role.OWNER]
-    ).values("group_id")
-    owner_groups = Membership.objects.filter(user_id=user.pk, role=Role.OWNER).values("group_id")
-    return (
-        Checkpoint.objects.filter(status=CheckpointStatus.PENDING)
-        .filter(
-            Q(group_id__in=owner_groups)
-            | Q(decider_role=Role.APPROVER, group_id__in=approver_groups)
-        )
-        .filter(Q(expires_at=None) | Q(expires_at__gt=timezone.now()))
-        .exclude(decisions__user_id=user.pk)
-    )
-
-
-def approvals_count(*, user: AbstractBaseUser) -> int:
-    if not user.is_authenticated:
-        return 0
-    return pending_checkpoints_for_user(user=user).count()
-
-
 def approvals_badge_html(*, user: AbstractBaseUser, oob: bool = True) -> str:
     return render_to_string(
         "dashboard/_approvals_badge.html",
-        {"approvals_count": approvals_count(user=user), "oob": oob},
+        {"approvals_count": checkpoints_pending_count_for_user(user=user), "oob": oob},
     )
 
 
 def _approvals_data(user: AbstractBaseUser) -> dict:
     checkpoints = list(
-        pending_checkpoints_for_user(user=user)
-        .select_related("group", "task")
-        .annotate(approvals=Count("decisions", filter=Q(decisions__verdict="approve")))
-        .order_by("created_at", "id")[:APPROVALS_SHOWN]
+        checkpoints_pending_for_user(user=user).annotate(
+            approvals=Count("decisions", filter=Q(decisions__verdict="approve"))
+        )[:APPROVALS_SHOWN]
     )
-    reassign_groups = {
-        c.group_id
-        for c in checkpoints
-        if c.kind == CheckpointKind.MAX_ATTEMPTS and "reassign" in c.options
-    }
+    for checkpoint in checkpoints:
+        checkpoint.reassign = (
+            checkpoint.kind == CheckpointKind.MAX_ATTEMPTS and "reassign" in checkpoint.options
+        )
+    reassign_groups = {c.group_id for c in checkpoints if c.reassign}
     agents = defaultdict(list)
     if reassign_groups:
         for agent in (
@@ -146,16 +124,17 @@ def _approvals_data(user: AbstractBaseUser) -> dict:
         ):
             agents[agent.group_id].append(agent)
     for checkpoint in checkpoints:
-        checkpoint.agent_choices = agents.get(checkpoint.group_id, [])
-        checkpoint.reassign = checkpoint.group_id in reassign_groups and (
-            checkpoint.kind == CheckpointKind.MAX_ATTEMPTS
+        checkpoint.agent_choices = (
+            agents.get(checkpoint.group_id, []) if checkpoint.reassign else []
         )
     return {"checkpoints": checkpoints}
 
 
 @live_page("approvals")
 def approvals_live(ctx: LiveContext) -> list[str]:
-    # Cross-group: the consumer calls it for checkpoint changes in any of the user's groups.
+    # Cross-group: the consumer also calls it (resync) for checkpoint changes elsewhere.
+    if not ctx.touches(BADGE_KINDS):
+        return []
     return [_fragment("dashboard/_approvals_list.html", _approvals_data(ctx.user))]
 
 
@@ -203,6 +182,8 @@ def _groups_data(user: AbstractBaseUser) -> dict:
 
 @live_page("groups")
 def groups_live(ctx: LiveContext) -> list[str]:
+    if not ctx.touches(("member.", "group.")):
+        return []
     return [_fragment("dashboard/_groups_list.html", _groups_data(ctx.user))]
 
 
