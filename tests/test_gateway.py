@@ -496,6 +496,8 @@ def test_an_unreachable_backend_is_a_502(personas, tmp_path):
         (json.dumps({"messages": []}).encode(), 400, "invalid_messages"),
         (json.dumps({"messages": ["hi"]}).encode(), 400, "invalid_messages"),
         (json.dumps({"messages": HELLO, "stream": "yes"}).encode(), 400, "invalid_stream"),
+        (json.dumps({"messages": HELLO, "model": ""}).encode(), 400, "invalid_model"),
+        (json.dumps({"messages": HELLO, "model": 7}).encode(), 400, "invalid_model"),
         (
             json.dumps({"messages": HELLO, "pad": "x" * (5 << 20)}).encode(),
             413,

@@ -8,6 +8,7 @@ import pytest
 from django.test import override_settings
 
 from apps.checkpoints.models import Checkpoint, CheckpointKind, CheckpointSource
+from apps.checkpoints.services import checkpoint_raise
 from apps.events.models import Event
 from apps.tasks.models import Task, TaskStatus
 from apps.tasks.planner import plan_generate, plan_validate
@@ -316,6 +317,9 @@ def test_editing_a_plan_revalidates_it(
     assert_error(cycle, 422, "dependency_cycle")
     assert_error(teleport, 422, "unknown_toolkit")
     assert_error(by_viewer, 403, "forbidden")
+    other = checkpoint_raise(group=personas.group, title="Ship it?", source="human", task=goal)
+    not_a_plan = send(member, "PUT", f"/checkpoints/{other.id}/proposal", {"proposal": edited})
+    assert_error(not_a_plan, 422, "not_a_plan")
     assert ok.status_code == 200, ok.content
     proposal = body(ok)["proposal"]
     assert [t["key"] for t in proposal["tasks"]] == ["t1", "t2"]
@@ -331,6 +335,30 @@ def test_editing_a_plan_revalidates_it(
     ]
     late = send(member, "PUT", path, {"proposal": edited})
     assert_error(late, 409, "already_resolved")
+
+
+def test_a_plan_someone_decided_on_can_no_longer_be_edited(
+    personas, goal, llm, run_planner, django_capture_on_commit_callbacks
+):
+    personas.group.checkpoint_required_approvals = 2  # the first approval leaves it pending
+    personas.group.save(update_fields=["checkpoint_required_approvals"])
+    llm.script(answer(PLAN))
+    request_plan(django_capture_on_commit_callbacks, personas.member, goal)
+    checkpoint = Checkpoint.objects.get(task=goal)
+    path = f"/checkpoints/{checkpoint.id}/decide"
+    approved = send(client_for(personas.approver), "POST", path, {"verdict": "approve"})
+    assert approved.status_code == 200, approved.content
+
+    edit = send(
+        client_for(personas.member),
+        "PUT",
+        f"/checkpoints/{checkpoint.id}/proposal",
+        {"proposal": {"summary": "Other.", "tasks": [{"title": "Something else"}]}},
+    )
+
+    assert_error(edit, 409, "plan_decided")
+    checkpoint.refresh_from_db()
+    assert checkpoint.status == "pending" and checkpoint.proposal["tasks"][0]["key"] == "measure"
 
 
 def test_plan_validation_refuses_cycles_unknown_toolkits_and_big_plans():

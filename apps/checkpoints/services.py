@@ -317,7 +317,7 @@ def _act_on_resolution(
 
             group_llm_budget_raise(
                 group_id=checkpoint.group_id,
-                option=option or "+50%",
+                option=option,
                 actor_id=actor_id,
                 checkpoint_id=checkpoint.id,
             )

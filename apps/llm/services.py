@@ -9,7 +9,6 @@ and raises a `budget` checkpoint that humans approve with "+50%" or "+100%"."""
 
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -27,7 +26,9 @@ from apps.llm.models import ModelCall, ModelCallStatus
 logger = logging.getLogger(__name__)
 
 ALERT_PERCENT = 80
-BUDGET_OPTIONS = ["+50%", "+100%"]
+# What approving a budget checkpoint raises the budget by, in percent.
+BUDGET_OPTIONS = {"+50%": 50, "+100%": 100}
+BUDGET_DEFAULT_OPTION = "+50%"
 # After humans refused to raise the budget, refused calls do not ask again for this long.
 REFUSED_BUDGET_QUIET = timedelta(hours=1)
 # Error codes that say the backend itself is in trouble (for /healthz).
@@ -211,17 +212,14 @@ def budget_exhausted_refuse(*, group_id: int) -> None:
         _budget_checkpoint_raise(group_id)
 
 
-_PERCENT = re.compile(r"^\+\s*(\d{1,4}(?:\.\d+)?)\s*%$")
-
-
 def group_llm_budget_raise(
     *, group_id: int, option: str, actor_id: int | None = None, checkpoint_id: int | None = None
 ) -> int | None:
     """Raise the group's token budget by an option like "+50%" (of the current budget, or
     of what was used when the budget was 0). Returns the new budget; None when the group
     has no budget (unlimited) any more. Called when a budget checkpoint is approved."""
-    match = _PERCENT.match(option.strip()) if option else None
-    percent = float(match.group(1)) if match else 50.0
+    option = option if option in BUDGET_OPTIONS else BUDGET_DEFAULT_OPTION
+    percent = BUDGET_OPTIONS[option]
     with transaction.atomic():
         group = Group.objects.select_for_update(no_key=True).get(id=group_id)
         old = group.llm_token_budget
@@ -237,7 +235,7 @@ def group_llm_budget_raise(
             payload={
                 "from": old,
                 "to": new,
-                "option": option or f"+{percent:g}%",
+                "option": option,
                 "checkpoint_id": checkpoint_id,
             },
         )
