@@ -118,6 +118,9 @@ async def test_outsiders_are_closed_with_4403_whether_or_not_the_group_exists(pe
         "page=overview&group=research&page=agents",
         "page=overview&group=research&" + "&".join(f"x{i}=1" for i in range(20)),
         "page=overview&group=" + "r" * 200,
+        "page=task&group=research",
+        "page=task&group=research&task=abc",
+        "page=task&group=research&task=0",
     ],
 )
 async def test_bad_queries_are_closed_with_4400_and_say_why(personas, query):

@@ -17,7 +17,14 @@ from urllib.parse import parse_qsl
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from apps.dashboard.live import BADGE_KINDS, COALESCE_SECONDS, PAGES, RESYNC_AFTER, LiveContext
+from apps.dashboard.live import (
+    BADGE_KINDS,
+    COALESCE_SECONDS,
+    PAGE_PARAMS,
+    PAGES,
+    RESYNC_AFTER,
+    LiveContext,
+)
 from apps.events.broadcast import group_channel
 from apps.events.models import Event
 from apps.groups.models import Group, Membership
@@ -62,6 +69,10 @@ def _parse_query(raw: bytes) -> tuple[str, str, dict[str, str]] | str:
         return f"unknown page {page!r}"
     if not slug:
         return "group is required"
+    for name in PAGE_PARAMS[page]:
+        value = params.get(name, "")
+        if not (value.isascii() and value.isdigit() and 0 < int(value) < 2**63):
+            return f"{name} must be a positive integer id"
     return page, slug, params
 
 

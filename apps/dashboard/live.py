@@ -58,13 +58,16 @@ class LiveContext:
 LiveRenderer = Callable[[LiveContext], list[str]]
 
 PAGES: dict[str, LiveRenderer] = {}
+# Socket URL parameters a page needs, each a positive integer id (e.g. the task page's task).
+PAGE_PARAMS: dict[str, tuple[str, ...]] = {}
 
 
-def live_page(name: str) -> Callable[[LiveRenderer], LiveRenderer]:
+def live_page(name: str, *, params: tuple[str, ...] = ()) -> Callable[[LiveRenderer], LiveRenderer]:
     def register(renderer: LiveRenderer) -> LiveRenderer:
         if name in PAGES:
             raise ValueError(f"live page {name!r} is registered twice")
         PAGES[name] = renderer
+        PAGE_PARAMS[name] = params
         return renderer
 
     return register

@@ -913,7 +913,7 @@ def task_detail(request: HttpRequest, slug: str, task_id: int) -> HttpResponse:
     return render(request, "dashboard/task_detail.html", context)
 
 
-@live_page("task")
+@live_page("task", params=("task",))
 def task_live(ctx: LiveContext) -> list[str]:
     """Append this task's new events; refresh its status, actions and result, its attempt
     timeline, its artifacts on artifact events, and the graph when a task drawn in it
