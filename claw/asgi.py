@@ -1,3 +1,5 @@
+import asyncio
+import importlib
 import os
 
 from django.core.asgi import get_asgi_application
@@ -9,6 +11,21 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from claw.routing import websocket_urlpatterns  # noqa: E402
 
-application = ProtocolTypeRouter(
-    {"http": django_asgi_app, "websocket": URLRouter(websocket_urlpatterns)}
-)
+_gateway = None
+
+
+async def http(scope: dict, receive, send) -> None:
+    """/v1/ is the model gateway (apps.llm.gateway, plain ASGI); the rest is Django. The
+    gateway, and the openai SDK under it (~25 MB), load on its first request, off the event
+    loop: a server whose agents never call a model does not carry them."""
+    global _gateway
+    if scope["path"].startswith("/v1/"):
+        if _gateway is None:
+            module = await asyncio.to_thread(importlib.import_module, "apps.llm.gateway")
+            _gateway = module.application
+        await _gateway(scope, receive, send)
+    else:
+        await django_asgi_app(scope, receive, send)
+
+
+application = ProtocolTypeRouter({"http": http, "websocket": URLRouter(websocket_urlpatterns)})

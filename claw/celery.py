@@ -6,7 +6,9 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "claw.settings")
 
 app = Celery("claw")
 app.config_from_object("django.conf:settings", namespace="CELERY")
-app.autodiscover_tasks(["apps.events", "apps.tasks", "apps.devices", "apps.checkpoints"])
+app.autodiscover_tasks(
+    ["apps.events", "apps.tasks", "apps.devices", "apps.checkpoints", "apps.llm"]
+)
 
 
 @app.on_after_finalize.connect
@@ -23,3 +25,17 @@ def schedule_periodic_tasks(sender: Celery, **kwargs) -> None:
     sender.add_periodic_task(
         5.0, sender.signature("claw.sweep_checkpoints"), name="sweep checkpoints"
     )
+    if settings.CLAW_LLM_PROBE_SECONDS:
+        # The model backend probe (a no-op in the worker when no backend is configured, so
+        # beat needs no model settings). A probe that waited past its turn is dropped; its
+        # limits cover three timed-out GETs and the announcement of a status change.
+        every = settings.CLAW_LLM_PROBE_SECONDS
+        soft = 3 * settings.CLAW_LLM_PROBE_TIMEOUT_S + 20
+        sender.add_periodic_task(
+            every,
+            sender.signature("claw.probe_backend"),
+            name="probe the model backend",
+            expires=every,
+            soft_time_limit=soft,
+            time_limit=soft + 15,
+        )

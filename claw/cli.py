@@ -1,6 +1,7 @@
 """The `claw` command line.
 
     claw up [--host H] [--port P] [--demo]   start the platform in the configured mode
+    claw model plan --gpu h200 --gpus-per-node 8 [--nodes N]   size self-hosted K2.6
 
 Embedded mode (no CLAW_REDIS_URL): one process, Daphne in the main thread with a Celery
 worker and beat as threads (claw.embedded). Services mode: `claw up` supervises daphne,
@@ -233,6 +234,71 @@ def cmd_up(args: argparse.Namespace) -> int:
             agents.stop()
 
 
+def cmd_model_plan(args: argparse.Namespace) -> int:
+    from claw.serving import plan, render
+
+    try:
+        result = plan(
+            gpu=args.gpu,
+            gpus_per_node=args.gpus_per_node,
+            nodes=args.nodes,
+            context=args.context,
+            model=args.model,
+            kv_cache_dtype=args.kv_cache_dtype,
+            dp_attention=args.dp_attention,
+            deepep=args.deepep,
+            dist_init_addr=args.dist_init_addr,
+        )
+    except ValueError as exc:
+        print(f"claw: {exc}", file=sys.stderr)
+        return 2
+    print(render(result))
+    if not result.fits:
+        print(f"claw: {result.model.name} does not fit on these GPUs", file=sys.stderr)
+        return 1
+    return 0
+
+
+def add_model_commands(commands) -> None:
+    from claw.serving import DIST_INIT_PLACEHOLDER, GPUS, KV_BYTES, MODELS
+
+    model = commands.add_parser(
+        "model", help="plan serving Kimi K2.6 on your own GPUs", description="Model serving."
+    )
+    model_commands = model.add_subparsers(dest="model_command", metavar="COMMAND")
+    model_commands.required = True
+    plan = model_commands.add_parser(
+        "plan",
+        help="check that the weights and KV cache fit; print SGLang's command per node",
+        description="Size the model on NODES x GPUS-PER-NODE GPUs (tensor and expert "
+        "parallel across all of them) and print the SGLang launch command for each node. "
+        "Exits 1 when it does not fit. See docs/serving.md.",
+    )
+    plan.add_argument("--gpu", required=True, choices=sorted(GPUS))
+    plan.add_argument("--gpus-per-node", type=int, required=True, metavar="N")
+    plan.add_argument("--nodes", type=int, default=1, metavar="M", help="default 1")
+    plan.add_argument(
+        "--context", type=int, default=None, help="tokens per sequence (default: the model's)"
+    )
+    plan.add_argument("--model", default="kimi-k2.6", choices=sorted(MODELS))
+    plan.add_argument("--kv-cache-dtype", default="bf16", choices=sorted(KV_BYTES))
+    plan.add_argument(
+        "--dp-attention",
+        action="store_true",
+        help="data-parallel attention (throughput; replicates the attention weights)",
+    )
+    plan.add_argument(
+        "--deepep", action="store_true", help="DeepEP all-to-all for the experts (see docs)"
+    )
+    plan.add_argument(
+        "--dist-init-addr",
+        default=DIST_INIT_PLACEHOLDER,
+        metavar="HOST:PORT",
+        help="node 0's address for multi-node runs (default: a placeholder)",
+    )
+    plan.set_defaults(func=cmd_model_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="claw", description="Claw: groups of humans and AI agents on shared task graphs."
@@ -261,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     from claw.device.cli import add_commands as add_device_commands
 
     add_device_commands(commands)  # `claw device pair`, `claw agent run`
+    add_model_commands(commands)  # `claw model plan`
     return parser
 
 

@@ -78,9 +78,10 @@ def _beat() -> dict:
 
 
 def _llm() -> dict:
-    """The model backend as the gateway last saw it (apps.llm.services.llm_status): never
-    a call to the backend, so /healthz stays fast. Advisory: a backend that is down makes
-    this entry not ok but leaves /healthz at 200, since the server itself is fine."""
+    """The model backend as the probe (or, without a recent probe, the gateway) last saw it
+    (apps.llm.services.llm_status): never a call to the backend, so /healthz stays fast.
+    Advisory: a backend that is down makes this entry not ok but leaves /healthz at 200,
+    since the server itself is fine; saturated is ok, with its status."""
     status = llm_status()
     if status["configured"] and status["reachable"] is False:
         return {**status, "ok": False, "error": status["last_error"] or "unreachable"}

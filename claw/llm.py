@@ -3,13 +3,16 @@ backend (settings CLAW_LLM_*), with explicit timeouts, few retries and per-model
 defaults. Server-side callers (the planner, document → skill, the gateway) use these
 clients; device agents never hold provider keys and go through the gateway instead."""
 
+import json
 from functools import cache
+from typing import TYPE_CHECKING
 
-import httpx
-import openai
 from django.conf import settings
 
-from claw.errors import DomainError
+from claw.errors import DomainError, InvalidInput
+
+if TYPE_CHECKING:  # imported when first used: ~25 MB that most processes never need
+    import openai
 
 # Sampling defaults by model-name prefix; the first match wins. K2.6 is tuned for 1.0.
 SAMPLING_DEFAULTS: list[tuple[str, dict]] = [
@@ -26,7 +29,9 @@ def configured() -> bool:
     return bool(settings.CLAW_LLM_BASE_URL)
 
 
-def _timeout() -> httpx.Timeout:
+def _timeout():
+    import httpx
+
     return httpx.Timeout(
         settings.CLAW_LLM_READ_TIMEOUT_S, connect=settings.CLAW_LLM_CONNECT_TIMEOUT_S
     )
@@ -38,7 +43,9 @@ def _check() -> None:
 
 
 @cache
-def _clients(base_url: str, api_key: str) -> tuple[openai.OpenAI, openai.AsyncOpenAI]:
+def _clients(base_url: str, api_key: str) -> "tuple[openai.OpenAI, openai.AsyncOpenAI]":
+    import openai
+
     options = {
         "base_url": base_url,
         "api_key": api_key or "none",
@@ -48,12 +55,12 @@ def _clients(base_url: str, api_key: str) -> tuple[openai.OpenAI, openai.AsyncOp
     return openai.OpenAI(**options), openai.AsyncOpenAI(**options)
 
 
-def client() -> openai.OpenAI:
+def client() -> "openai.OpenAI":
     _check()
     return _clients(settings.CLAW_LLM_BASE_URL, settings.CLAW_LLM_API_KEY)[0]
 
 
-def async_client() -> openai.AsyncOpenAI:
+def async_client() -> "openai.AsyncOpenAI":
     _check()
     return _clients(settings.CLAW_LLM_BASE_URL, settings.CLAW_LLM_API_KEY)[1]
 
@@ -69,3 +76,49 @@ def sampling_defaults(model: str) -> dict:
     if model == settings.CLAW_LLM_MODEL:
         found["temperature"] = settings.CLAW_LLM_TEMPERATURE
     return found
+
+
+def complete_json(
+    *, messages: list[dict], name: str, schema: dict, max_tokens: int
+) -> tuple[str, dict]:
+    """One structured-output call with the configured model: `response_format` json_schema
+    (strict), streamed (a long think sends nothing for minutes otherwise, and the client's
+    read timeout is between bytes). Returns the answer's text and the usage; the caller
+    parses (parse_json) and validates it, since a backend may not enforce the schema."""
+    model = settings.CLAW_LLM_MODEL
+    stream = client().chat.completions.create(
+        model=model,
+        messages=messages,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": name, "schema": schema, "strict": True},
+        },
+        max_tokens=max_tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+        **sampling_defaults(model),
+    )
+    parts, usage = [], {}
+    with stream:
+        for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage.model_dump(exclude_none=True)
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    parts.append(choice.delta.content)
+    return "".join(parts), usage
+
+
+def parse_json(content: str | None, *, what: str):
+    """A model's JSON answer (a fenced block tolerated), or InvalidInput saying what is
+    wrong in words the model can act on; `what` names the expected object."""
+    text = (content or "").strip()
+    if text.startswith("```"):  # a fenced block despite the instructions
+        text = text.split("\n", 1)[1] if "\n" in text else ""
+        text = text.rsplit("```", 1)[0]
+    if not text:
+        raise InvalidInput(f"The answer was empty; answer with {what}.")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InvalidInput(f"The answer is not valid JSON ({exc}).") from None

@@ -156,7 +156,14 @@ CLIENT_FRAMES = TypeAdapter(ClientFrame)
 # --- server -> agent ---------------------------------------------------------------------
 
 
-class TaskSpec(Frame):
+class ServerFrameBase(Frame):
+    """Server frames may gain optional fields within a protocol version; an agent ignores
+    the ones it does not know (agent frames, in turn, are held to exactly their fields)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class TaskSpec(ServerFrameBase):
     id: int
     title: str
     instructions: str
@@ -169,18 +176,27 @@ class TaskSpec(Frame):
         description="A reviewer asked for changes to an earlier result of this task: their "
         "note, as new input for this attempt. Sent only when there is one.",
     )
+    skills: dict[Slug, str] = Field(
+        default_factory=dict,
+        max_length=100,
+        description="The group's skills for the task's required toolkits, by toolkit slug: "
+        "a procedure, checklist and constraints (markdown) for whoever does the task, "
+        "e.g. for a model's system prompt. Sent only when there are some.",
+    )
 
     @model_serializer(mode="wrap")
-    def _without_empty_feedback(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        # Absent rather than null when there is none, so frames for tasks without feedback
-        # stay exactly what agents built before the field existed accept.
+    def _without_empty_extras(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Absent rather than null or empty when there is none, so frames for tasks without
+        # feedback or skills stay exactly what agents built before the fields existed accept.
         data = handler(self)
         if data.get("feedback") is None:
             data.pop("feedback", None)
+        if not data.get("skills"):
+            data.pop("skills", None)
         return data
 
 
-class Assignment(Frame):
+class Assignment(ServerFrameBase):
     type: Literal["assignment"] = "assignment"
     attempt_id: int
     epoch: int
@@ -189,7 +205,7 @@ class Assignment(Frame):
     task: TaskSpec
 
 
-class Decision(Frame):
+class Decision(ServerFrameBase):
     type: Literal["decision"] = "decision"
     checkpoint_id: int
     attempt_id: int | None
@@ -197,20 +213,20 @@ class Decision(Frame):
     note: str = ""
 
 
-class Cancel(Frame):
+class Cancel(ServerFrameBase):
     type: Literal["cancel"] = "cancel"
     attempt_id: int
     epoch: int
     reason: str = ""
 
 
-class Limits(Frame):
+class Limits(ServerFrameBase):
     max_frame_bytes: int
     rate_per_s: float
     burst: int
 
 
-class Welcome(Frame):
+class Welcome(ServerFrameBase):
     type: Literal["welcome"] = "welcome"
     re: str
     version: int
@@ -224,13 +240,13 @@ class Welcome(Frame):
     decisions: list[Decision]
 
 
-class Ack(Frame):
+class Ack(ServerFrameBase):
     type: Literal["ack"] = "ack"
     re: str
     result: dict[str, Any] = Field(default_factory=dict)
 
 
-class Error(Frame):
+class Error(ServerFrameBase):
     type: Literal["error"] = "error"
     re: str | None
     code: str

@@ -299,6 +299,17 @@ CLAW_LLM_CONNECT_TIMEOUT_S = env_int("CLAW_LLM_CONNECT_TIMEOUT_S", 10, minimum=1
 CLAW_LLM_READ_TIMEOUT_S = env_int("CLAW_LLM_READ_TIMEOUT_S", 300, minimum=1)
 # Few retries: a retried timeout re-runs the whole generation on the GPUs.
 CLAW_LLM_MAX_RETRIES = env_int("CLAW_LLM_MAX_RETRIES", 1)
+# The backend probe (apps.llm.probe, run by beat): every N seconds (0: off), GET /health
+# with this timeout (down when it fails), /v1/models and SGLang's /metrics. Saturated: more
+# requests queued than CLAW_LLM_SATURATED_QUEUE, or KV cache use above CLAW_LLM_SATURATED_KV.
+CLAW_LLM_PROBE_SECONDS = env_int("CLAW_LLM_PROBE_SECONDS", 15)
+CLAW_LLM_PROBE_TIMEOUT_S = env_float("CLAW_LLM_PROBE_TIMEOUT_S", 3.0, minimum=0.1)
+CLAW_LLM_SATURATED_QUEUE = env_int("CLAW_LLM_SATURATED_QUEUE", 32)
+CLAW_LLM_SATURATED_KV = env_float("CLAW_LLM_SATURATED_KV", 0.95)
+if CLAW_LLM_SATURATED_KV > 1:
+    raise ImproperlyConfigured(
+        f"CLAW_LLM_SATURATED_KV is a fraction from 0 to 1, got {CLAW_LLM_SATURATED_KV}"
+    )
 
 if PRODUCTION:
     SECURE_SSL_REDIRECT = env_bool("CLAW_SECURE_SSL_REDIRECT", True)
@@ -316,5 +327,6 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env_str("CLAW_LOG_LEVEL", "INFO")},
-    "loggers": {"django.channels.server": {"level": "WARNING"}},
+    # httpx logs every request at INFO: one line per model call, which the gateway meters.
+    "loggers": {name: {"level": "WARNING"} for name in ("django.channels.server", "httpx")},
 }

@@ -13,6 +13,5 @@ urlpatterns = [
     path("healthz", healthz, name="healthz"),
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
-    path("v1/", include("apps.llm.urls")),
     path("", include("apps.dashboard.urls")),
 ]

@@ -4,8 +4,19 @@ the code under test talks to it through the real `openai` SDK.
     python -m tests.llm_server --port 8123        # run as its own process
 
 Endpoints:
-- `GET /v1/models`, `POST /v1/chat/completions` (JSON or `"stream": true` SSE, with
-  `stream_options.include_usage`), answering from the script, else with "ok".
+- `GET /v1/models` (each entry with SGLang's `max_model_len`), `POST /v1/chat/completions`
+  (JSON or `"stream": true` SSE, with `stream_options.include_usage`), answering from the
+  script, else with "ok".
+- `GET /health` (200, empty, as SGLang's) and `GET /metrics` (Prometheus text with SGLang's
+  metric names: `sglang:num_running_reqs`, `sglang:num_queue_reqs`, `sglang:gen_throughput`,
+  `sglang:token_usage`, `sglang:cache_hit_rate` and the `sglang:time_to_first_token_seconds`
+  histogram, labelled like one SGLang scheduler).
+- `POST /_health` `{"status": 200|503, "hang": bool, "metrics": {...} | null}` sets how
+  those two answer; what it leaves out stays as it was: `status` is /health's answer,
+  `hang` (true: /health and /metrics accept and never answer), `metrics` values by SGLang
+  name without `sglang:` (`num_running_reqs`, `num_queue_reqs`, `gen_throughput`,
+  `token_usage`, `cache_hit_rate`; `time_to_first_token_seconds`: the list of observed
+  seconds) merged over the current ones, or null: /metrics answers 404 (no metrics).
 - `POST /_script` `{"responses": [RESPONSE, ...]}` appends scripted responses, consumed one
   per chat completion request in order. A RESPONSE is an object with any of:
   `content` (str), `reasoning_content` (str), `tool_calls` ([{"name", "arguments" (str),
@@ -17,7 +28,8 @@ Endpoints:
 - `GET /_requests` → every chat request body received, in order; `GET /_headers` → their
   HTTP headers (lower-cased names), in the same order; `GET /_streams` → per streamed
   answer `{"id", "events", "completed", "disconnected"}` (when the client goes away the
-  server stops sending); `POST /_reset` clears the script and the logs.
+  server stops sending); `POST /_reset` clears the script and the logs and makes the
+server healthy again, with idle metrics.
 
 `LLMServer` (below) starts it as a subprocess on a free port for a test module.
 """
@@ -32,6 +44,23 @@ import urllib.request
 from collections import deque
 
 MODEL_IDS = ["kimi-k2.6", "test-model"]
+CONTEXT_LENGTH = 262144
+IDLE_METRICS = {
+    "num_running_reqs": 0,
+    "num_queue_reqs": 0,
+    "gen_throughput": 0.0,
+    "token_usage": 0.0,
+    "cache_hit_rate": 0.0,
+    "time_to_first_token_seconds": [],
+}
+TTFT_BUCKETS = [0.1, 0.2, 0.4, 0.6, 0.8, 1, 2, 4, 6, 8, 10, 20, 40, 60, 80, 100, 200, 400]
+METRIC_HELP = {
+    "num_running_reqs": "The number of running requests.",
+    "num_queue_reqs": "The number of requests in the waiting queue.",
+    "gen_throughput": "The generation throughput (token/s).",
+    "token_usage": "The token usage.",
+    "cache_hit_rate": "The prefix cache hit rate.",
+}
 
 
 class State:
@@ -40,9 +69,50 @@ class State:
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         self.streams: list[dict] = []
+        self.health_status = 200
+        self.hang = False
+        self.metrics: dict | None = dict(IDLE_METRICS)
 
 
 STATE = State()
+
+
+def _metrics_text(metrics: dict) -> str:
+    """What SGLang's /metrics says, for one scheduler (tensor-parallel rank 0)."""
+    labels = 'model_name="kimi-k2.6",engine_type="unified",tp_rank="0",pp_rank="0",moe_ep_rank="0"'
+    lines = []
+    for name, help_text in METRIC_HELP.items():
+        lines += [
+            f"# HELP sglang:{name} {help_text}",
+            f"# TYPE sglang:{name} gauge",
+            f"sglang:{name}{{{labels}}} {float(metrics[name])}",
+        ]
+    observed = [float(v) for v in metrics["time_to_first_token_seconds"]]
+    name = "sglang:time_to_first_token_seconds"
+    lines += [
+        f"# HELP {name} Histogram of time to first token in seconds.",
+        f"# TYPE {name} histogram",
+        f"{name}_sum{{{labels}}} {sum(observed)}",
+    ]
+    for bound in TTFT_BUCKETS:
+        count = sum(1 for v in observed if v <= bound)
+        lines.append(f'{name}_bucket{{le="{float(bound)}",{labels}}} {float(count)}')
+    lines += [
+        f'{name}_bucket{{le="+Inf",{labels}}} {float(len(observed))}',
+        f"{name}_count{{{labels}}} {float(len(observed))}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+async def _text(send, status: int, text: str) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")],
+        }
+    )
+    await send({"type": "http.response.body", "body": text.encode()})
 
 
 async def _body(receive) -> bytes:
@@ -227,8 +297,34 @@ async def app(scope, receive, send) -> None:
     method, path = scope["method"], scope["path"]
     body = await _body(receive)
     if method == "GET" and path == "/v1/models":
-        data = [{"id": m, "object": "model", "created": 0, "owned_by": "test"} for m in MODEL_IDS]
+        data = [
+            {
+                "id": m,
+                "object": "model",
+                "created": 0,
+                "owned_by": "test",
+                "max_model_len": CONTEXT_LENGTH,
+            }
+            for m in MODEL_IDS
+        ]
         await _json(send, 200, {"object": "list", "data": data})
+    elif method == "GET" and path in ("/health", "/metrics"):
+        if STATE.hang:
+            await asyncio.sleep(3600)
+        elif path == "/health":
+            await _text(send, STATE.health_status, "")
+        elif STATE.metrics is None:
+            await _json(send, 404, {"detail": "Not Found"})
+        else:
+            await _text(send, 200, _metrics_text(STATE.metrics))
+    elif method == "POST" and path == "/_health":
+        change = json.loads(body)
+        STATE.health_status = change.get("status", STATE.health_status)
+        STATE.hang = change.get("hang", STATE.hang)
+        if "metrics" in change:
+            new = change["metrics"]
+            STATE.metrics = None if new is None else {**(STATE.metrics or IDLE_METRICS), **new}
+        await _json(send, 200, {"status": STATE.health_status, "hang": STATE.hang})
     elif method == "POST" and path == "/v1/chat/completions":
         try:
             request = json.loads(body)
@@ -252,6 +348,7 @@ async def app(scope, receive, send) -> None:
         STATE.requests.clear()
         STATE.streams.clear()
         STATE.headers.clear()
+        STATE.health_status, STATE.hang, STATE.metrics = 200, False, dict(IDLE_METRICS)
         await _json(send, 200, {})
     else:
         await _json(send, 404, {"error": {"message": f"no {method} {path}", "type": "test"}})
@@ -304,6 +401,10 @@ class LLMServer:
 
     def reset(self) -> None:
         self._call("POST", "/_reset")
+
+    def set_health(self, **change) -> None:
+        """status=200|503, hang=bool, metrics={...} or None: see POST /_health."""
+        self._call("POST", "/_health", change)
 
     def close(self) -> None:
         self.process.terminate()

@@ -33,7 +33,9 @@ from claw import protocol
 from claw.asgi import application
 from tests.conftest import make_agent
 
-pytestmark = pytest.mark.django_db(transaction=True)
+# 200 examples a property, many of them a fresh socket: on a loaded 2-core machine one
+# property has taken over the suite's default 120 s. Each wait inside stays bounded.
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(360)]
 
 FUZZ = settings(
     max_examples=200,

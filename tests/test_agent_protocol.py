@@ -193,6 +193,24 @@ async def test_an_assignment_is_pushed_with_the_task_spec(personas, device):
         assert assignment["status"] == "offered"
 
 
+async def test_an_assignment_carries_the_groups_skills_for_the_tasks_toolkits(personas, device):
+    from apps.devices.models import Toolkit
+    from apps.devices.skills import skill_edit
+
+    async with connected(device.raw_token) as ws:
+        shell = await db(Toolkit.objects.get)(slug="shell")  # registered by the hello
+        await db(skill_edit)(
+            actor=personas.owner, group=personas.group, toolkit=shell, text="Use `set -e`."
+        )
+        needs_shell = await new_task(personas, required_toolkits=["shell"])
+        await offer(needs_shell, ws.welcome["agent_id"])
+        assignment = await next_of_type(ws, "assignment")
+        assert assignment["task"]["skills"] == {"shell": "Use `set -e`."}
+        plain = await new_task(personas)
+        await offer(plain, ws.welcome["agent_id"])
+        assert "skills" not in (await next_of_type(ws, "assignment"))["task"]
+
+
 async def test_progress_complete_and_replays_have_one_effect(personas, device):
     async with connected(device.raw_token) as ws:
         task, attempt, _ = await running_attempt(ws, personas)

@@ -4,6 +4,7 @@ Outsiders get 404 (they may not learn that a group or its objects exist), member
 the needed role get 403, callers without credentials get 401."""
 
 import pytest
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.test import override_settings
 
 from tests.test_api_support import PERSONAS, client_for, make_world, send, upload
@@ -30,6 +31,16 @@ def _plan(client, task_id: int):
     """Planning needs a configured model; nothing answers, as the request only enqueues."""
     with override_settings(CLAW_LLM_BASE_URL="http://127.0.0.1:9/v1"):
         return send(client, "POST", f"/tasks/{task_id}/plan", None)
+
+
+def _skill_document(client):
+    """Making a skill needs a configured model; nothing answers, as the upload only
+    enqueues."""
+    with override_settings(CLAW_LLM_BASE_URL="http://127.0.0.1:9/v1"):
+        return client.post(
+            "/api/v1/groups/research/toolkits/shell/skills/documents",
+            {"file": SimpleUploadedFile("runbook.md", b"# Deploy")},
+        )
 
 
 # (endpoint, request builder (world, personas, user) -> (method, path, body) or a callable
@@ -105,6 +116,26 @@ ENDPOINTS = [
         "POST /agents/{agent_id}/drain",
         lambda w, p, u: ("POST", f"/agents/{p.agent.id}/drain", {"draining": True}),
         OWNER,
+    ),
+    (
+        "GET /groups/{slug}/toolkits",
+        lambda w, p, u: ("GET", "/groups/research/toolkits", None),
+        READ,
+    ),
+    (
+        "GET /groups/{slug}/toolkits/{toolkit}/skills",
+        lambda w, p, u: ("GET", "/groups/research/toolkits/shell/skills", None),
+        READ,
+    ),
+    (
+        "POST /groups/{slug}/toolkits/{toolkit}/skills",
+        lambda w, p, u: ("POST", "/groups/research/toolkits/shell/skills", {"text": "Be brief."}),
+        codes(201, 403, 403, 403),
+    ),
+    (
+        "POST /groups/{slug}/toolkits/{toolkit}/skills/documents",
+        lambda w, p, u: _skill_document,
+        codes(202, 403, 403, 403),
     ),
     ("GET /groups/{slug}/tasks", lambda w, p, u: ("GET", "/groups/research/tasks", None), READ),
     (

@@ -313,6 +313,7 @@ MAIN_PAGES = {
     "overview": "/g/failover/",
     "members": "/g/failover/members/",
     "agents": "/g/failover/agents/",
+    "toolkits": "/g/failover/toolkits/",
     "board": "/g/failover/tasks/",
     "task-new": "/g/failover/tasks/new/",
     "approvals": "/approvals/",

@@ -12,7 +12,8 @@ from django.urls import reverse
 from apps.checkpoints.models import Checkpoint, CheckpointStatus
 from apps.checkpoints.services import checkpoint_raise
 from apps.dashboard.live import PAGES, LiveContext
-from apps.devices.models import Agent, AgentStatus, Device, PairingCode
+from apps.devices.models import Agent, AgentStatus, Device, PairingCode, Toolkit
+from apps.devices.skills import skill_edit
 from apps.events.models import Event
 from apps.groups.models import ApiToken, Group, Membership, Role
 from apps.groups.services import api_token_authenticate
@@ -44,7 +45,13 @@ def messages_of(response) -> list[str]:
 
 
 def group_pages(slug: str = "research") -> list[str]:
-    return [f"/g/{slug}/", f"/g/{slug}/members/", f"/g/{slug}/agents/"]
+    return [
+        f"/g/{slug}/",
+        f"/g/{slug}/members/",
+        f"/g/{slug}/agents/",
+        f"/g/{slug}/toolkits/",
+        f"/g/{slug}/model/",
+    ]
 
 
 # --- reading pages ------------------------------------------------------------------------
@@ -129,6 +136,8 @@ def test_nav_links_the_current_groups_pages_and_the_approvals_badge_counts(as_, 
     for link_id, url in [
         ("nav-overview", "/g/research/"),
         ("nav-agents", "/g/research/agents/"),
+        ("nav-model", "/g/research/model/"),
+        ("nav-toolkits", "/g/research/toolkits/"),
         ("nav-members", "/g/research/members/"),
         ("nav-approvals", "/approvals/"),
         ("nav-tokens", "/me/tokens/"),
@@ -465,19 +474,23 @@ def _render(page: str, personas, *, user=None, events=None, resync=False) -> tup
 
 
 def _grow(personas, n: int) -> None:
+    shell = Toolkit.objects.get(slug="shell")
     for i in range(n):
         task = task_create(group=personas.group, actor=personas.member, title=f"T{i}")
+        skill_edit(actor=personas.owner, group=personas.group, toolkit=shell, text=f"S{i}")
         if i % 3 == 0:
             checkpoint_raise(group=personas.group, title=f"C{i}", source="human", task=task)
     for i in range(2):
         make_agent(personas.group, f"extra-{n}-{i}")
 
 
-@pytest.mark.parametrize("page", ["overview", "agents", "approvals", "members", "groups"])
+@pytest.mark.parametrize(
+    "page", ["overview", "agents", "approvals", "members", "groups", "toolkits"]
+)
 def test_renderer_query_counts_do_not_grow_with_events_or_tasks(personas, page):
     _grow(personas, 2)
     events = list(Event.objects.filter(group=personas.group).order_by("seq"))
-    resync = page in ("members", "groups")  # task events do not concern them
+    resync = page in ("members", "groups", "toolkits")  # task events do not concern them
     _, few = _render(page, personas, events=events, resync=resync)
     _grow(personas, 12)
     events = list(Event.objects.filter(group=personas.group).order_by("seq"))
@@ -513,6 +526,8 @@ def test_every_page_opens_the_page_socket_for_its_live_page(as_):
         ("/g/research/", "page=overview&amp;group=research"),
         ("/g/research/agents/", "page=agents&amp;group=research"),
         ("/g/research/members/", "page=members&amp;group=research"),
+        ("/g/research/toolkits/", "page=toolkits&amp;group=research"),
+        ("/g/research/model/", "page=model&amp;group=research"),
         ("/approvals/", "page=approvals&amp;group=research"),
         ("/groups/", "page=groups&amp;group=research"),
         ("/me/tokens/", "page=nav&amp;group=research"),

@@ -313,3 +313,14 @@ async def test_a_local_attempt_missing_from_welcome_owned_is_stopped(tmp_path):
         assert await asyncio.wait_for(running, 5) == 0
     assert [f["type"] for f in server.connections[0][1:]] == ["accept"]
     assert [f["type"] for f in server.connections[1][1:]] == ["drain"]  # no fail, no progress
+
+
+def test_server_frames_with_fields_from_a_newer_server_still_parse():
+    frame = json.loads(welcome("h1"))
+    frame["region"] = "eu"  # a field this runtime does not know yet
+    frame["limits"]["max_tools"] = 8
+    parsed = protocol.SERVER_FRAMES.validate_python(frame)
+    assert isinstance(parsed, protocol.Welcome) and parsed.agent_id == 9
+    with pytest.raises(protocol.FrameError) as caught:  # agent frames stay exact
+        protocol.parse_client_frame(json.dumps({"type": "heartbeat", "id": "x", "extra": 1}))
+    assert caught.value.code == "invalid"

@@ -64,7 +64,7 @@ def toolkit(model, **overrides):
     )
 
 
-def task(instructions="Write hello into hello.txt.", feedback=None, steps=()):
+def task(instructions="Write hello into hello.txt.", feedback=None, steps=(), skills=None):
     return protocol.TaskSpec(
         id=7,
         title="Say hello",
@@ -74,6 +74,7 @@ def task(instructions="Write hello into hello.txt.", feedback=None, steps=()):
         parent_id=3,
         root_id=3,
         feedback=feedback,
+        skills=skills or {},
     )
 
 
@@ -154,6 +155,26 @@ def test_a_tool_call_runs_its_toolkit_and_the_result_goes_back_under_the_same_id
     [complete] = session.of("complete")
     assert complete["result"]["result"] == "hello.txt says hello"
     assert complete["result"]["turns"] == 2 and complete["result"]["usage"]["prompt_tokens"] > 0
+
+
+def test_the_groups_skills_for_the_tasks_toolkits_are_in_the_system_prompt(llm, tmp_path):
+    skills = {"files": "### Procedure\n1. Write files as UTF-8.", "llm": "Answer in English."}
+    llm.script(DONE)
+
+    assert run(llm, Session(), tmp_path, spec=task(skills=skills)) == "succeeded"
+
+    system = llm.requests()[0]["messages"][0]["content"]
+    assert system.index("# Skills") < system.index("## Skill: files")
+    assert "## Skill: files\n\n### Procedure\n1. Write files as UTF-8." in system
+    assert "## Skill: llm\n\nAnswer in English." in system
+
+
+def test_without_skills_the_system_prompt_has_no_skills_section(llm, tmp_path):
+    llm.script(DONE)
+
+    assert run(llm, Session(), tmp_path) == "succeeded"
+
+    assert "# Skills" not in llm.requests()[0]["messages"][0]["content"]
 
 
 def test_malformed_arguments_and_unknown_tools_come_back_as_errors(llm, tmp_path):

@@ -9,5 +9,7 @@ class DashboardConfig(AppConfig):
 
     def ready(self) -> None:
         # Pages register their live renderers at import time (see apps.dashboard.live).
+        import apps.dashboard.model_views
+        import apps.dashboard.skill_views
         import apps.dashboard.task_views
         import apps.dashboard.views  # noqa: F401

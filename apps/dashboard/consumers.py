@@ -20,6 +20,7 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from apps.dashboard.live import (
     BADGE_KINDS,
     COALESCE_SECONDS,
+    PAGE_FOLLOWS,
     PAGE_PARAMS,
     PAGES,
     RESYNC_AFTER,
@@ -106,6 +107,8 @@ class LivePageConsumer(AsyncWebsocketConsumer):
         self.wake = asyncio.Event()
         for group_id in self.group_ids:
             await self.channel_layer.group_add(group_channel(group_id), self.channel_name)
+        for channel_group in PAGE_FOLLOWS[page]:
+            await self.channel_layer.group_add(channel_group, self.channel_name)
         self.flusher = asyncio.create_task(self._flush_loop())
 
     async def disconnect(self, code: int) -> None:
@@ -115,6 +118,8 @@ class LivePageConsumer(AsyncWebsocketConsumer):
                 await self.flusher
         for group_id in self.group_ids:
             await self.channel_layer.group_discard(group_channel(group_id), self.channel_name)
+        for channel_group in PAGE_FOLLOWS.get(self.page, ()):
+            await self.channel_layer.group_discard(channel_group, self.channel_name)
 
     # --- client frames ------------------------------------------------------------------
 
@@ -161,6 +166,13 @@ class LivePageConsumer(AsyncWebsocketConsumer):
         # and batches are matcher assignments.
         self._note(message["group_id"], message["last_seq"], "")
 
+    async def live_redraw(self, message: dict) -> None:
+        """Something a followed page shows changed outside the event log (PAGE_FOLLOWS)."""
+        if self.group is None or self.after is None:
+            return  # before the resume, the page is redrawn from its seq anyway
+        self.redraw_due = True
+        self.wake.set()
+
     def _note(self, group_id: int, last_seq: int, kind: str) -> None:
         if self.group is None:
             return
@@ -205,6 +217,7 @@ class LivePageConsumer(AsyncWebsocketConsumer):
 
     @database_sync_to_async
     def _render(self, *, after: int | None, badge: bool, redraw: bool) -> tuple[str, int] | None:
+        from apps.dashboard.model_views import BACKEND_KINDS, backend_banner_html
         from apps.dashboard.views import approvals_badge_html
 
         user, group = self.scope["user"], self.group
@@ -215,6 +228,7 @@ class LivePageConsumer(AsyncWebsocketConsumer):
         fragments: list[str] = []
         new_after = None
         rendered = False
+        banner = False
         if after is not None:
             events = list(
                 Event.objects.filter(group_id=group.id, seq__gt=after)
@@ -229,6 +243,7 @@ class LivePageConsumer(AsyncWebsocketConsumer):
             elif events:
                 new_after = events[-1].seq
                 badge = badge or any(e.kind.startswith(BADGE_KINDS) for e in events)
+                banner = any(e.kind in BACKEND_KINDS for e in events)
             if resync or events or redraw:
                 context = LiveContext(
                     user=user,
@@ -248,6 +263,8 @@ class LivePageConsumer(AsyncWebsocketConsumer):
             )
         if badge:
             fragments.append(approvals_badge_html(user=user))
+        if banner:
+            fragments.append(backend_banner_html())
         if new_after is not None:
             fragments.append(
                 f'<span id="live-seq" data-seq="{int(new_after)}" hidden hx-swap-oob="true"></span>'

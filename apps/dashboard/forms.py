@@ -59,6 +59,16 @@ class DecisionForm(forms.Form):
         return data
 
 
+class BudgetForm(forms.Form):
+    budget = forms.IntegerField(
+        min_value=0,
+        max_value=10**13,
+        required=False,
+        label="Token budget",
+        help_text="Model tokens this group's agents may use through the gateway. Empty: unlimited.",
+    )
+
+
 def form_errors_text(form: forms.Form) -> str:
     """One line for a message: "field: problem; other: problem"."""
     parts = []

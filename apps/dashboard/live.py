@@ -15,7 +15,12 @@ it has shown. From then on the consumer (apps.dashboard.consumers.LivePageConsum
   each row), so a duplicate is harmless and htmx swaps it in.
 
 The navigation's approvals badge (`#approvals-badge`) is rendered by the consumer itself
-whenever a checkpoint.* event arrives in any group of the user's.
+whenever a checkpoint.* event arrives in any group of the user's, and the model backend's
+banner (`#backend-banner`) whenever an `llm.backend` event arrives in the page's group.
+
+A page may also follow channel-layer groups that are not a Claw group (`follows`): a
+`{"type": "live.redraw"}` message there redraws it as on a resync. The Model page follows
+the backend probe that way (every probe is not an event in every group's log).
 
 A renderer is registered with `@live_page("name")` in the module that owns the page. It
 runs in a worker thread (sync ORM is fine) and must keep its query count independent of
@@ -35,8 +40,8 @@ COALESCE_SECONDS = 0.05
 RESYNC_AFTER = 500
 # Event kinds that may change which checkpoints a person can decide (the approvals badge
 # and inbox): the checkpoint's own events, role changes, and cancelled tasks (their
-# checkpoints go too).
-BADGE_KINDS = ("checkpoint.", "member.", "task.cancelled")
+# checkpoints go too); and an edited plan, which the inbox shows.
+BADGE_KINDS = ("checkpoint.", "member.", "task.cancelled", "plan.edited")
 
 
 @dataclass
@@ -60,14 +65,19 @@ LiveRenderer = Callable[[LiveContext], list[str]]
 PAGES: dict[str, LiveRenderer] = {}
 # Socket URL parameters a page needs, each a positive integer id (e.g. the task page's task).
 PAGE_PARAMS: dict[str, tuple[str, ...]] = {}
+# Channel-layer groups a page's socket joins besides its Claw groups (see `follows` above).
+PAGE_FOLLOWS: dict[str, tuple[str, ...]] = {}
 
 
-def live_page(name: str, *, params: tuple[str, ...] = ()) -> Callable[[LiveRenderer], LiveRenderer]:
+def live_page(
+    name: str, *, params: tuple[str, ...] = (), follows: tuple[str, ...] = ()
+) -> Callable[[LiveRenderer], LiveRenderer]:
     def register(renderer: LiveRenderer) -> LiveRenderer:
         if name in PAGES:
             raise ValueError(f"live page {name!r} is registered twice")
         PAGES[name] = renderer
         PAGE_PARAMS[name] = params
+        PAGE_FOLLOWS[name] = follows
         return renderer
 
     return register

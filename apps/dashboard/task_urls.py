@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from apps.dashboard import task_views
+from apps.dashboard import plan_views, task_views
 
 urlpatterns = [
     path("g/<slug:slug>/tasks/", task_views.task_board, name="task_board"),
@@ -15,6 +15,11 @@ urlpatterns = [
     ),
     path("g/<slug:slug>/tasks/<int:task_id>/retry/", task_views.task_retry_view, name="task_retry"),
     path("g/<slug:slug>/tasks/<int:task_id>/plan/", task_views.task_plan_view, name="task_plan"),
+    path(
+        "g/<slug:slug>/checkpoints/<int:checkpoint_id>/plan/",
+        plan_views.checkpoint_plan,
+        name="checkpoint_plan",
+    ),
     path(
         "g/<slug:slug>/tasks/<int:task_id>/artifacts/<int:artifact_id>/",
         task_views.artifact_download,

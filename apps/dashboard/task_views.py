@@ -30,6 +30,7 @@ from django.views.decorators.http import require_POST
 from apps.dashboard.access import REFUSED, back, dashboard_view, perform
 from apps.dashboard.graph import Edge, Layout, Node, layout
 from apps.dashboard.live import LiveContext, live_context, live_page
+from apps.dashboard.plan_views import task_plan_block
 from apps.dashboard.previews import INLINE_IMAGE_TYPES, artifact_preview
 from apps.devices.models import Agent, Device, Toolkit
 from apps.events.models import Event
@@ -66,6 +67,7 @@ ARTIFACTS_SHOWN = 100
 PREVIEWS_MAX = 12  # artifact names previewed (latest version each); others get a link
 TASK_CHOICES = 500  # tasks offered in the create form's dependency/parent lists
 STATUS_KINDS = ("task.", "attempt.")  # events that may change a task's status or holder
+PLAN_KINDS = ("plan.", "checkpoint.")  # events that may change the task's plan block
 
 
 # --- access ------------------------------------------------------------------------------
@@ -905,6 +907,7 @@ def task_detail(request: HttpRequest, slug: str, task_id: int) -> HttpResponse:
         if task.result is not None
         else "",
         graph=task_graph(task, group),
+        plan=task_plan_block(task=task, group=group, role=role, next_url=context["task_url"]),
         events=task_events(task),
         artifacts=artifact_groups(task, group.slug),
         subtask_url=reverse("dashboard:task_create", kwargs={"slug": group.slug})
@@ -941,6 +944,11 @@ def task_live(ctx: LiveContext) -> list[str]:
     elif mine:
         rows = render_to_string("dashboard/_task_event_rows.html", {"events": event_rows(mine)})
         fragments.append(f'<div hx-swap-oob="beforeend:#event-stream">{rows}</div>')
+    if ctx.resync or any(e.kind.startswith(PLAN_KINDS) for e in mine):
+        context["plan"] = task_plan_block(
+            task=task, group=ctx.group, role=ctx.role, next_url=context["task_url"]
+        )
+        fragments.append(render_to_string("dashboard/_task_plan.html", context))
     if ctx.resync or any(e.kind.startswith("artifact.") for e in mine):
         context["artifacts"] = artifact_groups(task, ctx.group.slug)
         fragments.append(render_to_string("dashboard/_task_artifacts.html", context))

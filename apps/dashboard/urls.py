@@ -1,6 +1,7 @@
 from django.urls import path
 
-from apps.dashboard import views
+from apps.dashboard import skill_views, views
+from apps.dashboard.model_urls import urlpatterns as model_urlpatterns
 from apps.dashboard.task_urls import urlpatterns as task_urlpatterns
 
 app_name = "dashboard"
@@ -34,6 +35,17 @@ urlpatterns: list = [
         "g/<slug:slug>/devices/<int:device_id>/drain/", views.device_drain_view, name="device_drain"
     ),
     path("g/<slug:slug>/agents/<int:agent_id>/drain/", views.agent_drain_view, name="agent_drain"),
+    path("g/<slug:slug>/toolkits/", skill_views.toolkits, name="toolkits"),
+    path(
+        "g/<slug:slug>/toolkits/<slug:toolkit>/documents/",
+        skill_views.skill_upload_view,
+        name="skill_upload",
+    ),
+    path(
+        "g/<slug:slug>/toolkits/<slug:toolkit>/skill/",
+        skill_views.skill_edit_view,
+        name="skill_edit",
+    ),
     path("approvals/", views.approvals, name="approvals"),
     path(
         "checkpoints/<int:checkpoint_id>/decide/",
@@ -41,4 +53,5 @@ urlpatterns: list = [
         name="checkpoint_decide",
     ),
     *task_urlpatterns,
+    *model_urlpatterns,
 ]

@@ -37,6 +37,7 @@ from apps.dashboard.forms import (
     form_errors_text,
 )
 from apps.dashboard.live import BADGE_KINDS, LiveContext, live_context, live_page
+from apps.dashboard.plan_views import approvals_plan_blocks
 from apps.devices.models import Agent, AgentStatus, Device
 from apps.devices.selectors import agent_get_for_user, device_get_for_user
 from apps.devices.services import (
@@ -127,6 +128,7 @@ def _approvals_data(user: AbstractBaseUser) -> dict:
         checkpoint.agent_choices = (
             agents.get(checkpoint.group_id, []) if checkpoint.reassign else []
         )
+    approvals_plan_blocks(user=user, checkpoints=checkpoints)
     return {"checkpoints": checkpoints}
 
 

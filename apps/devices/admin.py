@@ -1,12 +1,27 @@
 from django.contrib import admin
 
-from apps.devices.models import Agent, Device, PairingCode, Toolkit
+from apps.devices.models import Agent, Device, PairingCode, Toolkit, ToolkitSkill
 
 
 @admin.register(Toolkit)
 class ToolkitAdmin(admin.ModelAdmin):
     list_display = ["slug", "description", "created_at"]
     search_fields = ["slug", "description"]
+
+
+@admin.register(ToolkitSkill)
+class ToolkitSkillAdmin(admin.ModelAdmin):
+    """Read-only: versions are written by apps.devices.skills (events, numbering)."""
+
+    list_display = ["toolkit", "group", "version", "source", "status", "created_by", "created_at"]
+    list_filter = ["status", "source", "group"]
+    search_fields = ["toolkit__slug", "document_name"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
 
 
 @admin.register(Device)

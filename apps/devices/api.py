@@ -1,11 +1,12 @@
-"""Devices (pairing, revoke, drain) and the agents running on them."""
+"""Devices (pairing, revoke, drain), the agents running on them, and the group's toolkit
+skills (apps.devices.skills)."""
 
 from datetime import datetime
 
 from django.http import HttpRequest
-from ninja import Field, Router, Schema, Status
+from ninja import Field, File, Router, Schema, Status, UploadedFile
 
-from apps.devices.models import AgentStatus, DeviceKind
+from apps.devices.models import AgentStatus, DeviceKind, SkillSource, SkillStatus
 from apps.devices.selectors import (
     agent_get_for_user,
     agents_for_group,
@@ -18,6 +19,16 @@ from apps.devices.services import (
     device_revoke,
     device_set_draining,
     pairing_code_create,
+)
+from apps.devices.skills import (
+    MAX_DOCUMENT_BYTES,
+    MAX_SKILL_CHARS,
+    skill_document_upload,
+    skill_edit,
+    skill_versions,
+    skills_current,
+    toolkit_get,
+    toolkits_for_group,
 )
 from apps.groups.api import InSchema
 from apps.groups.selectors import group_get_for_user
@@ -122,3 +133,96 @@ def agent_list(request: HttpRequest, slug: str):
 def agent_drain(request: HttpRequest, agent_id: int, payload: DrainIn):
     agent = agent_get_for_user(user=request.auth, agent_id=agent_id)
     return agent_set_draining(actor=request.auth, agent=agent, draining=payload.draining)
+
+
+# --- toolkit skills ------------------------------------------------------------------------
+
+
+class SkillOut(Schema):
+    id: int
+    toolkit: str
+    version: int
+    source: SkillSource
+    status: SkillStatus = Field(description="pending: the model is making it from the document.")
+    text: str
+    error: str
+    document_name: str
+    document_sha256: str
+    document_size: int | None
+    created_by: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+    @staticmethod
+    def resolve_toolkit(obj) -> str:
+        return obj.toolkit.slug
+
+    @staticmethod
+    def resolve_created_by(obj) -> str | None:
+        return obj.created_by.get_username() if obj.created_by else None
+
+
+class ToolkitOut(Schema):
+    slug: str
+    skill: str = Field(description="The current skill (the latest ready version); may be empty.")
+
+
+class SkillEditIn(InSchema):
+    text: str = Field(
+        description=f"Markdown, at most {MAX_SKILL_CHARS} characters; empty clears the skill."
+    )
+    base_version: int | None = Field(
+        None,
+        ge=0,
+        description="The version you edited (0: none); refused with 409 skill_changed "
+        "when another one became current meanwhile.",
+    )
+
+
+@router.get("/groups/{slug}/toolkits", response=list[ToolkitOut])
+def toolkit_list(request: HttpRequest, slug: str):
+    """The toolkits the group works with (its agents declare, its tasks require, or it has
+    skills for), each with its current skill."""
+    group = group_get_for_user(user=request.auth, slug=slug)
+    slugs = [toolkit.slug for toolkit in toolkits_for_group(group=group)]
+    current = skills_current(group_id=group.id, slugs=slugs, budget=None)
+    return [{"slug": s, "skill": current.get(s, "")} for s in slugs]
+
+
+@router.get("/groups/{slug}/toolkits/{toolkit}/skills", response=list[SkillOut])
+def skill_list(request: HttpRequest, slug: str, toolkit: str):
+    """A toolkit's skill versions in the group, newest first."""
+    group = group_get_for_user(user=request.auth, slug=slug)
+    return skill_versions(group=group, toolkit=toolkit_get(slug=toolkit))
+
+
+@router.post("/groups/{slug}/toolkits/{toolkit}/skills", response={201: SkillOut})
+def skill_edit_view(request: HttpRequest, slug: str, toolkit: str, payload: SkillEditIn):
+    """A new version written by hand (owner); current at once."""
+    group = group_get_for_user(user=request.auth, slug=slug)
+    skill = skill_edit(
+        actor=request.auth,
+        group=group,
+        toolkit=toolkit_get(slug=toolkit),
+        text=payload.text,
+        base_version=payload.base_version,
+    )
+    return Status(201, skill)
+
+
+@router.post("/groups/{slug}/toolkits/{toolkit}/skills/documents", response={202: SkillOut})
+def skill_document_upload_view(
+    request: HttpRequest, slug: str, toolkit: str, file: File[UploadedFile]
+):
+    """Upload a document (.md, .markdown, .txt or .pdf; at most 2 MiB) for K2.6 to turn into
+    the toolkit's skill (owner). Answers with the new version, `pending`; it becomes `ready`
+    (or `failed`, with the error) when the model is done."""
+    group = group_get_for_user(user=request.auth, slug=slug)
+    skill = skill_document_upload(
+        actor=request.auth,
+        group=group,
+        toolkit=toolkit_get(slug=toolkit),
+        name=file.name or "",
+        data=file.read(MAX_DOCUMENT_BYTES + 1),
+    )
+    return Status(202, skill)

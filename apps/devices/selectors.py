@@ -2,6 +2,7 @@ from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import QuerySet
 
 from apps.devices.models import Agent, Device
+from apps.devices.skills import skills_current
 from apps.groups.models import Group, Role
 from apps.groups.selectors import require_role
 from claw import protocol
@@ -49,10 +50,17 @@ def assignment_frame(*, attempt_id: int) -> protocol.Assignment | None:
     )
     if attempt is None:
         return None
-    return _assignment(attempt)
+    return _assignment(attempt, _skills(attempt.task.group_id, [attempt.task]))
 
 
-def _assignment(attempt) -> protocol.Assignment:
+def _skills(group_id: int, tasks) -> dict[str, str]:
+    """The group's current skills for these tasks' required toolkits (one query; none
+    without required toolkits)."""
+    slugs = sorted({slug for task in tasks for slug in task.required_toolkits})
+    return skills_current(group_id=group_id, slugs=slugs)
+
+
+def _assignment(attempt, skills: dict[str, str]) -> protocol.Assignment:
     task = attempt.task
     return protocol.Assignment(
         attempt_id=attempt.id,
@@ -68,6 +76,7 @@ def _assignment(attempt) -> protocol.Assignment:
             parent_id=task.parent_id,
             root_id=task.root_id,
             feedback=task.feedback or None,
+            skills={s: skills[s] for s in task.required_toolkits if s in skills},
         ),
     )
 
@@ -81,9 +90,12 @@ def welcome_frame(
     from apps.tasks.models import LIVE_ATTEMPT_STATUSES, Attempt
 
     agent = Agent.objects.select_related("group").get(id=agent_id)
-    owned = Attempt.objects.select_related("task").filter(
-        agent_id=agent_id, status__in=LIVE_ATTEMPT_STATUSES
+    owned = list(
+        Attempt.objects.select_related("task")
+        .filter(agent_id=agent_id, status__in=LIVE_ATTEMPT_STATUSES)
+        .order_by("id")
     )
+    skills = _skills(agent.group_id, [attempt.task for attempt in owned])
     unseen = Checkpoint.objects.filter(attempt__agent_id=agent_id, delivered_at=None).exclude(
         status=CheckpointStatus.PENDING
     )
@@ -96,7 +108,7 @@ def welcome_frame(
         heartbeat_interval_s=agent.group.heartbeat_interval_s,
         lease_timeout_s=agent.group.lease_timeout_s,
         limits=limits,
-        owned=[_assignment(a) for a in owned.order_by("id")],
+        owned=[_assignment(a, skills) for a in owned],
         decisions=[
             protocol.Decision(
                 checkpoint_id=c.id,

@@ -12,7 +12,7 @@ class ModelCallStatus(models.TextChoices):
 
 
 class ModelCall(models.Model):
-    """One chat completion an agent made through the gateway (apps.llm.views), metered
+    """One chat completion an agent made through the gateway (apps.llm.gateway), metered
     after it ended. Tokens are the backend's own count (its `usage`)."""
 
     group = models.ForeignKey(Group, on_delete=models.CASCADE, related_name="model_calls")
@@ -52,3 +52,58 @@ class ModelCall(models.Model):
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+class BackendStatus(models.TextChoices):
+    UNKNOWN = "unknown"  # not probed yet
+    OK = "ok"
+    # Answering, but its queue or KV cache is over the threshold (CLAW_LLM_SATURATED_*).
+    SATURATED = "saturated"
+    DOWN = "down"  # /health failed, answered an error, or timed out
+
+
+class Backend(models.Model):
+    """The configured model backend (one row per base URL) and its current status, which
+    only the probe moves, by compare-and-set (apps.llm.services.backend_probe_record)."""
+
+    base_url = models.CharField(max_length=500, unique=True)
+    status = models.CharField(
+        max_length=10, choices=BackendStatus.choices, default=BackendStatus.UNKNOWN
+    )
+    status_since = models.DateTimeField()
+    probed_at = models.DateTimeField(null=True, blank=True)
+    # The latest probe's problem, when it had one.
+    error = models.CharField(max_length=500, blank=True)
+
+    def __str__(self) -> str:
+        return f"{self.base_url} ({self.status})"
+
+
+class BackendProbe(models.Model):
+    """One probe of the backend (apps.llm.probe): a time series, pruned to PROBE_KEEP by
+    the probe itself. Metrics are null where the backend does not report them (only SGLang
+    serves /metrics)."""
+
+    backend = models.ForeignKey(Backend, on_delete=models.CASCADE, related_name="probes")
+    at = models.DateTimeField()
+    status = models.CharField(max_length=10, choices=BackendStatus.choices)
+    latency_ms = models.PositiveIntegerField(null=True, blank=True)  # of GET /health
+    model_id = models.CharField(max_length=200, blank=True)
+    context_length = models.PositiveIntegerField(null=True, blank=True)
+    running = models.PositiveIntegerField(null=True, blank=True)
+    queued = models.PositiveIntegerField(null=True, blank=True)
+    gen_throughput = models.FloatField(null=True, blank=True)  # generated tokens per second
+    # Mean time to first token of the requests that started since the previous probe.
+    ttft_ms = models.FloatField(null=True, blank=True)
+    kv_usage = models.FloatField(null=True, blank=True)  # KV cache in use, 0..1
+    cache_hit_rate = models.FloatField(null=True, blank=True)
+    # The backend's cumulative TTFT histogram, to take the next probe's difference from.
+    ttft_sum_s = models.FloatField(null=True, blank=True)
+    ttft_count = models.FloatField(null=True, blank=True)
+    error = models.CharField(max_length=500, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["backend", "at"])]
+
+    def __str__(self) -> str:
+        return f"probe {self.pk} @ {self.at:%H:%M:%S} ({self.status})"

@@ -1,14 +1,22 @@
-"""Reads for the model gateway: who is calling (device token, attempt), and usage."""
+"""Reads for the model gateway: who is calling (device token, attempt), usage, and the
+backend's status as the probe last saw it."""
 
+import logging
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
+from django.conf import settings
+from django.core.cache import cache
 from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce
+from django.utils import timezone
 
 from apps.devices.models import Device
-from apps.llm.models import ModelCall, ModelCallStatus
+from apps.llm.models import Backend, BackendProbe, BackendStatus, ModelCall, ModelCallStatus
 from apps.tasks.models import LIVE_ATTEMPT_STATUSES, Attempt
 from claw.tokens import token_hash
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -137,3 +145,111 @@ def llm_usage_by(*, group_id: int, by: str) -> list[dict]:
         for row in rows
     ]
     return sorted(result, key=lambda row: -row["total_tokens"])
+
+
+def llm_calls_recent(*, group_id: int, since: datetime) -> dict:
+    """A group's model calls since `since`: {calls, errors, tokens, ttft_p50_ms} (the
+    median over the calls that produced something; None when none did). Two queries on
+    the (group, created_at) index, however many calls there were."""
+    calls = ModelCall.objects.filter(group_id=group_id, created_at__gte=since)
+    totals = calls.aggregate(
+        calls=Count("id"),
+        errors=Count("id", filter=~Q(status=ModelCallStatus.OK)),
+        tokens=Coalesce(Sum("prompt_tokens"), 0) + Coalesce(Sum("completion_tokens"), 0),
+        timed=Count("ttft_ms"),
+    )
+    timed = totals.pop("timed")
+    totals["ttft_p50_ms"] = (
+        calls.exclude(ttft_ms=None)
+        .order_by("ttft_ms")
+        .values_list("ttft_ms", flat=True)[(timed - 1) // 2]
+        if timed
+        else None
+    )
+    return totals
+
+
+# --- the backend's status (apps.llm.services.backend_probe_record writes it) ---------------
+
+# Down or saturated: the matcher holds tasks that need the `llm` toolkit.
+HOLDING = frozenset({BackendStatus.DOWN, BackendStatus.SATURATED})
+STATE_CACHE_S = 5
+
+
+@dataclass(frozen=True)
+class BackendState:
+    """The backend's status for the banner, the matcher and /healthz. `status` is unknown
+    when no model is configured, the probe is off, has not run yet, or last ran so long ago
+    (`stale`) that it says nothing about now: nothing is held on old news."""
+
+    configured: bool
+    probing: bool
+    status: str = BackendStatus.UNKNOWN
+    since: datetime | None = None
+    probed_at: datetime | None = None
+    error: str = ""
+    stale: bool = False
+
+    @property
+    def holds_llm(self) -> bool:
+        return self.status in HOLDING
+
+
+def backend_state_key(base_url: str) -> str:
+    return f"llm:backend:{base_url}"
+
+
+def probe_stale_after() -> timedelta:
+    return timedelta(seconds=max(4 * settings.CLAW_LLM_PROBE_SECONDS, 60))
+
+
+def backend_state() -> BackendState:
+    """The configured backend's status: a cache read (kept STATE_CACHE_S, dropped when a
+    probe commits), else one query by a unique key. Never calls the backend."""
+    base_url = settings.CLAW_LLM_BASE_URL
+    probing = bool(base_url and settings.CLAW_LLM_PROBE_SECONDS)
+    if not probing:
+        return BackendState(configured=bool(base_url), probing=False)
+    key = backend_state_key(base_url)
+    try:
+        row = cache.get(key)
+    except Exception:
+        logger.warning("could not read the backend's state from the cache", exc_info=True)
+        row = None
+    if row is None:
+        row = (
+            Backend.objects.filter(base_url=base_url)
+            .values("status", "status_since", "probed_at", "error")
+            .first()
+        ) or {}
+        try:
+            cache.set(key, row, STATE_CACHE_S)
+        except Exception:
+            logger.warning("could not cache the backend's state", exc_info=True)
+    probed_at = row.get("probed_at")
+    if probed_at is None:
+        return BackendState(configured=True, probing=True)
+    stale = timezone.now() - probed_at > probe_stale_after()
+    return BackendState(
+        configured=True,
+        probing=True,
+        status=BackendStatus.UNKNOWN if stale else row["status"],
+        since=row["status_since"],
+        probed_at=probed_at,
+        error=row["error"],
+        stale=stale,
+    )
+
+
+def backend_holds_llm() -> bool:
+    """Whether the matcher holds tasks that need the `llm` toolkit right now."""
+    return backend_state().holds_llm
+
+
+def backend_probes_since(*, since: datetime) -> list[BackendProbe]:
+    """The configured backend's probes since `since`, oldest first (one indexed query)."""
+    return list(
+        BackendProbe.objects.filter(
+            backend__base_url=settings.CLAW_LLM_BASE_URL, at__gte=since
+        ).order_by("at", "id")
+    )

@@ -1,11 +1,17 @@
-"""Metering and budgets of the model gateway (apps.llm.views).
+"""Metering and budgets of the model gateway (apps.llm.gateway).
 
 Every call that reached the backend is recorded after it ended: a ModelCall row, the
 group's token counter (Group.llm_tokens_used) and an `llm.call` event, in one transaction
 per group for a batch of calls (apps.llm.meter writes them off the request path). A group's
 token budget (Group.llm_token_budget, null: unlimited) is checked before each call; the
 batch that crosses 80 % appends an `llm.budget_alert`, the one that crosses 100 % another
-and raises a `budget` checkpoint that humans approve with "+50%" or "+100%"."""
+and raises a `budget` checkpoint that humans approve with "+50%" or "+100%"; owners may
+also set the budget outright (group_llm_budget_set).
+
+The backend probe (apps.llm.probe, every CLAW_LLM_PROBE_SECONDS) is stored here too:
+backend_probe_record keeps the time series and moves the backend's status (ok, saturated,
+down) by compare-and-set; a change is an `llm.backend` event in every group, and when
+the backend can take work again the groups with ready tasks are matched."""
 
 import logging
 import math
@@ -13,15 +19,21 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
 from django.core.cache import cache
 from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from apps.checkpoints.models import Checkpoint, CheckpointKind, CheckpointSource, CheckpointStatus
+from apps.events.broadcast import broadcast_on_commit
 from apps.events.services import event_append, event_append_many
-from apps.groups.models import Group
-from apps.llm.models import ModelCall, ModelCallStatus
+from apps.groups.models import Group, Role
+from apps.groups.selectors import require_role
+from apps.llm.models import Backend, BackendProbe, BackendStatus, ModelCall, ModelCallStatus
+from apps.llm.probe import ProbeResult
+from apps.llm.selectors import HOLDING, backend_state, backend_state_key
+from claw.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +254,35 @@ def group_llm_budget_raise(
     return new
 
 
+BUDGET_MAX = 10**13
+
+
+def group_llm_budget_set(
+    *, actor: AbstractBaseUser, group_id: int, budget: int | None
+) -> int | None:
+    """An owner sets the group's token budget (None: unlimited). Appends `llm.budget_set`
+    with the old and new budget. Calls refused for an exhausted budget go through again
+    as soon as it is above what was used."""
+    require_role(user=actor, group_id=group_id, role=Role.OWNER)
+    if budget is not None and (
+        isinstance(budget, bool) or not isinstance(budget, int) or not 0 <= budget <= BUDGET_MAX
+    ):
+        raise InvalidInput(f"The budget must be a whole number of tokens from 0 to {BUDGET_MAX}.")
+    with transaction.atomic():
+        group = Group.objects.select_for_update(no_key=True).get(id=group_id)
+        old = group.llm_token_budget
+        if old == budget:
+            return budget
+        Group.objects.filter(id=group_id).update(llm_token_budget=budget)
+        event_append(
+            group_id=group_id,
+            kind="llm.budget_set",
+            actor_id=actor.pk,
+            payload={"from": old, "to": budget, "used": group.llm_tokens_used},
+        )
+    return budget
+
+
 # --- the backend's last known state, for /healthz ---------------------------------------
 
 
@@ -270,18 +311,146 @@ def llm_status_note(*, records: list[CallRecord]) -> None:
 
 
 def llm_status() -> dict:
-    """configured / reachable (None: no call yet) / last error, from the last call; never
-    calls the backend, so /healthz stays fast."""
+    """configured / status / reachable / last error, never calling the backend, so
+    /healthz stays fast. While the probe runs, its status (apps.llm.selectors.backend_state,
+    which the banner and the matcher read too) decides `reachable`: saturated is reachable,
+    down is not. Without a recent probe, `reachable` is what the last call showed (None:
+    no call yet)."""
     if not settings.CLAW_LLM_BASE_URL:
-        return {"configured": False, "reachable": None, "last_error": None}
+        return {"configured": False, "status": "unknown", "reachable": None, "last_error": None}
     try:
         state = cache.get(_status_key()) or {}
     except Exception as exc:
         state = {"last_error": f"state unavailable: {type(exc).__name__}"}
+    backend = backend_state()
+    reachable, last_error = state.get("reachable"), state.get("last_error")
+    if backend.status != BackendStatus.UNKNOWN:
+        reachable = backend.status != BackendStatus.DOWN
+        if not reachable:
+            last_error = backend.error or "the probe found the backend down"
     return {
         "configured": True,
         "model": settings.CLAW_LLM_MODEL,
-        "reachable": state.get("reachable"),
+        "status": backend.status,
+        "status_since": backend.since.isoformat() if backend.since else None,
+        "probed_at": backend.probed_at.isoformat() if backend.probed_at else None,
+        "reachable": reachable,
         "last_call_at": state.get("last_call_at"),
-        "last_error": state.get("last_error"),
+        "last_error": last_error,
     }
+
+
+# --- the backend probe -----------------------------------------------------------------
+
+# Probes older than this are deleted by the probe itself.
+PROBE_KEEP = timedelta(hours=24)
+# The channel-layer group of pages that redraw on every probe (apps.dashboard.live).
+BACKEND_CHANNEL = "llm.backend"
+# Leaving saturation takes clearly lower numbers than entering it, so a backend hovering at
+# a threshold does not flip (and tell every group) on every probe.
+SATURATED_QUEUE_EXIT = 0.5
+SATURATED_KV_EXIT = 0.05
+
+
+def backend_status_of(*, result: ProbeResult, previous: str) -> str:
+    """down when /health failed; saturated when the queue or the KV cache is over its
+    threshold (settings CLAW_LLM_SATURATED_*), with hysteresis; else ok."""
+    if not result.healthy:
+        return BackendStatus.DOWN
+    queue_limit = settings.CLAW_LLM_SATURATED_QUEUE
+    kv_limit = settings.CLAW_LLM_SATURATED_KV
+    if previous == BackendStatus.SATURATED:
+        queue_limit = math.floor(queue_limit * SATURATED_QUEUE_EXIT)
+        kv_limit -= SATURATED_KV_EXIT
+    if result.queued is not None and result.queued > queue_limit:
+        return BackendStatus.SATURATED
+    if result.kv_usage is not None and result.kv_usage > kv_limit:
+        return BackendStatus.SATURATED
+    return BackendStatus.OK
+
+
+def _ttft_ms(backend: Backend, result: ProbeResult) -> float | None:
+    """The mean TTFT of the requests since the last probe that saw the histogram (the
+    backend's sum and count are cumulative); since the backend started when there is no
+    such probe or the counters went back (a restart). None: no request in between."""
+    if result.ttft_sum_s is None or result.ttft_count is None:
+        return None
+    last = (
+        BackendProbe.objects.filter(backend=backend)
+        .exclude(ttft_count=None)
+        .order_by("-at", "-id")
+        .values_list("ttft_sum_s", "ttft_count")
+        .first()
+    )
+    total_s, count = result.ttft_sum_s, result.ttft_count
+    if last is not None and last[1] <= count and last[0] <= total_s:
+        total_s, count = total_s - last[0], count - last[1]
+    return round(1000 * total_s / count, 1) if count > 0 else None
+
+
+def backend_probe_record(
+    *, base_url: str, result: ProbeResult, at: datetime | None = None
+) -> BackendProbe:
+    """Store one probe: the row, the backend's status moved by compare-and-set, probes
+    older than PROBE_KEEP deleted. After commit: the cached state is dropped, pages that
+    follow the backend redraw and, when it can take work again (it was down or saturated),
+    the groups with ready tasks are matched. A status change is then announced as an
+    `llm.backend` event in every group (one short transaction each, so no group waits on
+    the others); a first `ok` is not news."""
+    from apps.tasks.matching import groups_with_ready_tasks
+    from apps.tasks.services import request_matching
+
+    at = at or timezone.now()
+    error = result.error[:500]
+    with transaction.atomic():
+        backend, _ = Backend.objects.get_or_create(base_url=base_url, defaults={"status_since": at})
+        old = backend.status
+        new = backend_status_of(result=result, previous=old)
+        probe = BackendProbe.objects.create(
+            backend=backend,
+            at=at,
+            status=new,
+            latency_ms=result.latency_ms,
+            model_id=result.model_id[:200],
+            context_length=result.context_length,
+            running=result.running,
+            queued=result.queued,
+            gen_throughput=result.gen_throughput,
+            ttft_ms=_ttft_ms(backend, result),
+            kv_usage=result.kv_usage,
+            cache_hit_rate=result.cache_hit_rate,
+            ttft_sum_s=result.ttft_sum_s,
+            ttft_count=result.ttft_count,
+            error=error,
+        )
+        changed = (
+            new != old
+            and Backend.objects.filter(id=backend.id, status=old).update(
+                status=new, status_since=at, probed_at=at, error=error
+            )
+            == 1
+        )
+        if not changed:  # the same status, or another probe moved it first
+            Backend.objects.filter(id=backend.id).update(probed_at=at, error=error)
+        BackendProbe.objects.filter(backend=backend, at__lt=at - PROBE_KEEP).delete()
+        key = backend_state_key(base_url)
+        transaction.on_commit(lambda: cache.delete(key), robust=True)
+        if changed and old in HOLDING and new not in HOLDING:
+            for group_id in groups_with_ready_tasks():
+                request_matching(group_id)
+        broadcast_on_commit(BACKEND_CHANNEL, {"type": "live.redraw", "source": "backend.probe"})
+    if changed and not (old == BackendStatus.UNKNOWN and new == BackendStatus.OK):
+        _backend_status_announce(old=old, new=new, error=error)
+    return probe
+
+
+def _backend_status_announce(*, old: str, new: str, error: str) -> None:
+    payload = {"status": new, "from": old}
+    if error and new == BackendStatus.DOWN:
+        payload["error"] = error[:300]
+    for group_id in Group.objects.order_by("id").values_list("id", flat=True):
+        try:
+            with transaction.atomic():
+                event_append(group_id=group_id, kind="llm.backend", payload=payload)
+        except Exception:  # a group deleted meanwhile; the others are still told
+            logger.warning("could not tell group %s about the backend", group_id, exc_info=True)

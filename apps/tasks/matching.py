@@ -11,11 +11,13 @@ import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from django.db import transaction
-from django.db.models import Count, Q
+from django.db import connection, transaction
+from django.db.models import BooleanField, Count, Q
+from django.db.models.expressions import RawSQL
 from django.utils import timezone
 
 from apps.devices.models import Agent, AgentStatus
+from apps.llm.selectors import backend_holds_llm
 from apps.tasks.models import LIVE_ATTEMPT_STATUSES, Attempt, AttemptStatus, Task, TaskStatus
 from apps.tasks.services import tasks_assign_many
 from claw.errors import DomainError
@@ -24,6 +26,8 @@ logger = logging.getLogger(__name__)
 
 DECLINE_EXCLUSION = timedelta(seconds=60)
 MAX_CANDIDATES_RECORDED = 10
+# The toolkit of tasks a model works on: held while the model backend is down or saturated.
+LLM_TOOLKIT = "llm"
 
 
 @dataclass
@@ -169,25 +173,43 @@ def _plan(ready: list[Task], candidates: list[Candidate]) -> list[tuple[int, int
     return plan
 
 
+def _requires_toolkit(slug: str) -> Q | RawSQL:
+    """A condition on tasks: `slug` is among its required toolkits (a JSON list)."""
+    if connection.vendor == "postgresql":
+        return Q(required_toolkits__contains=[slug])
+    # SQLite has no JSON containment lookup; json_each reads the list.
+    return RawSQL(
+        "EXISTS (SELECT 1 FROM json_each(tasks_task.required_toolkits) WHERE value = %s)",
+        [slug],
+        output_field=BooleanField(),
+    )
+
+
 def tasks_match(*, group_id: int, limit: int = 200, agent_id: int | None = None) -> list[int]:
     """Assign the group's ready tasks (highest priority, then oldest first) to the best
     available agents (or only to `agent_id`). Returns the ids of the attempts offered.
 
     One transaction per call: the ready tasks are locked as they are read, skipping those
     another matcher holds (so matchers running at once take different tasks instead of
-    racing for the same ones), then `tasks_assign_many` claims them all."""
+    racing for the same ones), then `tasks_assign_many` claims them all.
+
+    While the model backend is down or saturated (apps.llm.selectors.backend_holds_llm: a
+    cached read), tasks that need the `llm` toolkit are left out: they stay ready, nothing
+    fails, and the probe asks for matching when the backend can take work again."""
     candidates = _available_agents(group_id, agent_id)
     if not candidates:
         return []
     now = timezone.now()
     with transaction.atomic():
-        ready = list(
+        ready = (
             Task.objects.select_for_update(skip_locked=True, no_key=True)
             .defer("instructions", "steps", "result")
             .filter(group_id=group_id, status=TaskStatus.READY)
             .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
-            .order_by("-priority", "created_at", "id")[:limit]
         )
+        if backend_holds_llm():
+            ready = ready.exclude(_requires_toolkit(LLM_TOOLKIT))
+        ready = list(ready.order_by("-priority", "created_at", "id")[:limit])
         plan = _plan(ready, candidates)
         try:
             attempts = tasks_assign_many(group_id=group_id, offers=plan)

@@ -5,7 +5,9 @@ checkpoint.
         asks the model (claw.llm) for a proposal, validates it, retries once with the
         validation error, then raises a `plan` checkpoint (source planner) carrying the
         proposal (event `plan.proposed`) or records `plan.failed`.
-    plan_edit (member+)      replaces a pending plan's proposal, re-validated.
+    plan_edit (member+)      replaces a pending plan's proposal, re-validated (event
+                             `plan.edited`); with if_match, only if the proposal is still
+                             the one the editor started from (proposal_digest).
     approve  → plan_apply    creates the sub-tasks under the goal (task_create with their
                              dependencies, in the decision's transaction); the goal waits
                              for the plan's last tasks (task_dependency_add).
@@ -27,6 +29,7 @@ the JSON object and nothing else; a forced `submit_plan` tool call would need
 validated here all the same (the backend may not enforce the schema, or may cut it short).
 """
 
+import hashlib
 import json
 import logging
 from datetime import timedelta
@@ -385,16 +388,7 @@ def _goal_prompt(task: Task, feedback: str) -> str:
 
 
 def _parse(content: str | None):
-    text = (content or "").strip()
-    if text.startswith("```"):  # a fenced block despite the instructions
-        text = text.split("\n", 1)[1] if "\n" in text else ""
-        text = text.rsplit("```", 1)[0]
-    if not text:
-        raise InvalidInput("The answer was empty; answer with the plan's JSON object.")
-    try:
-        return json.loads(text)
-    except ValueError as exc:
-        raise InvalidInput(f"The answer is not valid JSON ({exc}).") from None
+    return llm.parse_json(content, what="the plan's JSON object")
 
 
 def _finished(task_id: int, request_id: int) -> bool:
@@ -404,32 +398,10 @@ def _finished(task_id: int, request_id: int) -> bool:
 
 
 def _ask(messages: list[dict], toolkits: list[str]) -> tuple[str, dict]:
-    """One model call, streamed (a long think sends nothing for minutes otherwise, and the
-    client's read timeout is between bytes); returns the answer's text and the usage."""
-    from django.conf import settings
-
-    model = settings.CLAW_LLM_MODEL
-    stream = llm.client().chat.completions.create(
-        model=model,
-        messages=messages,
-        response_format={
-            "type": "json_schema",
-            "json_schema": {"name": "plan", "schema": plan_schema(toolkits), "strict": True},
-        },
-        max_tokens=MODEL_MAX_TOKENS,
-        stream=True,
-        stream_options={"include_usage": True},
-        **llm.sampling_defaults(model),
+    """One model call (structured output, streamed); the answer's text and the usage."""
+    return llm.complete_json(
+        messages=messages, name="plan", schema=plan_schema(toolkits), max_tokens=MODEL_MAX_TOKENS
     )
-    parts, usage = [], {}
-    with stream:
-        for chunk in stream:
-            if chunk.usage is not None:
-                usage = chunk.usage.model_dump(exclude_none=True)
-            for choice in chunk.choices:
-                if choice.delta.content:
-                    parts.append(choice.delta.content)
-    return "".join(parts), usage
 
 
 def plan_generate(*, task_id: int, request_id: int) -> str:
@@ -521,9 +493,19 @@ def _record(task: Task, request_id: int, *, proposal, error: str, usage: list[di
 # --- editing and applying ----------------------------------------------------------------
 
 
-def plan_edit(*, actor: AbstractBaseUser, checkpoint, proposal) -> None:
+def proposal_digest(proposal) -> str:
+    """A short fingerprint of a proposal (key order does not matter): an editor sends the
+    one it started from as plan_edit's if_match."""
+    raw = json.dumps(proposal, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def plan_edit(
+    *, actor: AbstractBaseUser, checkpoint, proposal, if_match: str | None = None
+) -> None:
     """Replace a pending plan's proposal (member+), validated against the toolkit registry.
-    Refused once someone decided on it (their decision was about the old plan)."""
+    Refused once someone decided on it (their decision was about the old plan), and, with
+    if_match (a proposal_digest), when someone else edited it since (plan_changed)."""
     from apps.checkpoints.models import Checkpoint, CheckpointKind, CheckpointStatus
 
     require_role(user=actor, group_id=checkpoint.group_id, role=Role.MEMBER)
@@ -542,6 +524,12 @@ def plan_edit(*, actor: AbstractBaseUser, checkpoint, proposal) -> None:
             raise InvalidTransition(
                 "Someone already decided on this plan; it can no longer be edited.",
                 code="plan_decided",
+            )
+        if if_match is not None and proposal_digest(current.proposal) != if_match:
+            raise InvalidTransition(
+                "Someone else edited this plan meanwhile.",
+                code="plan_changed",
+                details={"digest": proposal_digest(current.proposal)},
             )
         Checkpoint.objects.filter(id=current.id).update(
             proposal=normalized, details=normalized["summary"][:MAX_SUMMARY]

@@ -28,7 +28,8 @@ the API key, `X-Claw-Attempt` / `X-Claw-Epoch` on every request — with the `op
   (`chars_per_token`, or the server's last prompt_tokens count) against `context_tokens`;
   over it, old tool outputs are shortened, then cut, and a conversation that still does not
   fit fails the attempt. Cancelling the attempt cancels the request in flight.
-* The task's review feedback (TaskSpec.feedback) is part of the prompt.
+* The task's review feedback (TaskSpec.feedback) is part of the prompt, and the group's
+  skills for its toolkits (TaskSpec.skills) are part of the system prompt, under "# Skills".
 * An attempt resumed after the agent restarted starts its conversation again (the journal
   keeps only the progress numbering); tools are at-least-once, as with explicit steps.
 * Model errors: HTTP 402/408/425/429/5xx and connection failures fail the attempt as
@@ -244,7 +245,22 @@ def system_prompt(runner: AttemptRunner, tools: dict) -> str:
         f"Toolkit tools: {', '.join(toolkit_tools) or 'none'}. Ask the humans with "
         "request_checkpoint before anything irreversible or when the task says so. Keep "
         "going until the task is done; do not stop to ask in plain text."
-    )
+    ) + skills_prompt(runner.assignment.task)
+
+
+def skills_prompt(task: protocol.TaskSpec) -> str:
+    """The group's skills for the task's toolkits (TaskSpec.skills), for the system prompt."""
+    if not task.skills:
+        return ""
+    parts = [
+        "\n\n# Skills\n\nYour group wrote these skills for the toolkits this task "
+        "requires. Follow their procedures unless the task says otherwise, go through their "
+        "checklists before reporting done, and keep to their constraints: if the task "
+        "conflicts with one, ask the humans with request_checkpoint."
+    ]
+    for slug, text in task.skills.items():
+        parts.append(f"## Skill: {slug}\n\n{text.strip()}")
+    return "\n\n".join(parts)
 
 
 def task_prompt(runner: AttemptRunner) -> str:

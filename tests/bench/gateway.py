@@ -2,14 +2,15 @@
 
 One run, services mode (PostgreSQL + Redis): a fresh database with a group and a paired
 device, tests/llm_server as the backend (its own process, every answer streamed in
---chunks pieces --chunk-delay-ms apart), and Daphne serving Claw with that backend
-configured. The client (asyncio + httpx, this process) keeps --streams streams open at
-once for --rounds rounds, alternating direct and gateway phases so both see the same
-machine, and reports per path:
+--chunks pieces --chunk-delay-ms apart), and Claw with that backend configured, served by
+Daphne and by Uvicorn (--servers; the same claw.asgi application). The client (asyncio +
+httpx, this process) keeps --streams streams open at once for --rounds rounds, alternating
+direct and gateway phases so all see the same machine, and reports per path:
   * time to first token (request sent -> first content piece received), p50 / p95;
   * streamed throughput: content pieces per second per stream (request to last piece).
-Targets: gateway TTFT p50 <= direct + 2 ms; throughput ratio >= 0.9. Every call through
-the gateway is metered; the run checks the ModelCall rows at the end.
+Targets: gateway TTFT p50 <= direct + 2 ms; throughput ratio >= 0.9. Per server it also
+prints the server's CPU time per relayed piece, the figure least moved by a noisy machine.
+Every call through the gateway is metered; the run checks the ModelCall rows at the end.
 
     python -m tests.bench.gateway                       # 50 streams x 4 rounds x 2 phases
     python -m tests.bench.gateway --streams 5 --rounds 1 --phases 1     # smoke size
@@ -17,7 +18,9 @@ the gateway is metered; the run checks the ModelCall rows at the end.
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -122,47 +125,67 @@ def row(name: str, results: Results, count: int) -> str:
     )
 
 
+SERVERS = {
+    "daphne": lambda port: [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)],
+    "uvicorn": lambda port: [
+        *(PYTHON, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port)),
+        *("--lifespan", "off", "--log-level", "warning"),
+    ],
+}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(args: argparse.Namespace) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="claw-bench-gateway-"))
     backend = LLMServer()
     try:
-        with dedicated_services("bench_gateway", tmp) as services:
+        with dedicated_services("bench_gateway", tmp) as services, contextlib.ExitStack() as stack:
             token = json.loads(manage(services, "shell", "-v", "0", "-c", SETUP))["token"]
-            port = free_port()
             env = child_env(
                 DJANGO_SETTINGS_MODULE="claw.settings",
+                CLAW_DEBUG="0",
                 CLAW_LLM_BASE_URL=backend.base_url,
                 CLAW_LLM_API_KEY="bench",
                 **services,
             )
-            command = [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
-            with running("daphne", [*command, "claw.asgi:application"], env) as daphne:
-                wait_listening(port, 30, daphne)
-                return measure(args, backend, f"http://127.0.0.1:{port}/v1", token, services)
+            gateways = {}
+            for name in args.servers.split(","):
+                port = free_port()
+                command = [*SERVERS[name](port), "claw.asgi:application"]
+                proc = stack.enter_context(running(name, command, env))
+                wait_listening(port, 30, proc)
+                gateways[name] = (f"http://127.0.0.1:{port}/v1", proc.popen.pid)
+            return measure(args, backend, gateways, token, services)
     finally:
         backend.close()
 
 
-def measure(args, backend: LLMServer, gateway: str, token: str, services: dict) -> int:
+def measure(args, backend: LLMServer, gateways: dict, token: str, services: dict) -> int:
     answer = {
         "content": " ".join(f"w{i}" for i in range(args.chunks)),
         "chunks": args.chunks,
         "chunk_delay_ms": args.chunk_delay_ms,
     }
-    paths = {
-        "direct": f"{backend.base_url}/chat/completions",
-        "gateway": f"{gateway}/chat/completions",
-    }
+    paths = {"direct": f"{backend.base_url}/chat/completions"}
+    paths |= {name: f"{url}/chat/completions" for name, (url, _) in gateways.items()}
     results = {name: Results() for name in paths}
+    cpu = dict.fromkeys(gateways, 0.0)
     per_phase = args.streams * args.rounds
-    backend.script(*[answer] * 16)
+    backend.script(*[answer] * (8 * len(paths)))
     for url in paths.values():
         asyncio.run(warm(url, token))
     backend.reset()
     for _ in range(args.phases):
         for name, url in paths.items():
             backend.script(*[answer] * per_phase)
+            before = cpu_seconds(gateways[name][1]) if name in gateways else 0.0
             asyncio.run(phase(url, token, args.streams, args.rounds, results[name]))
+            if name in gateways:
+                cpu[name] += cpu_seconds(gateways[name][1]) - before
     total = per_phase * args.phases
     print(
         f"{args.streams} concurrent streams x {args.rounds} rounds x {args.phases} phases; "
@@ -174,31 +197,32 @@ def measure(args, backend: LLMServer, gateway: str, token: str, services: dict) 
     )
     for name in paths:
         print(row(name, results[name], total))
-    direct, through = results["direct"], results["gateway"]
-    extra = percentile(through.ttft, 50) * 1000 - percentile(direct.ttft, 50) * 1000
-    ratio = (
-        statistics.fmean(through.rates) / statistics.fmean(direct.rates)
-        if through.rates and direct.rates
-        else float("nan")
-    )
-    verdict = "ok" if extra <= TARGET_TTFT_EXTRA_MS else "MISSED"
-    print(
-        f"gateway ttft p50 - direct: {extra:+.1f} ms (target <= {TARGET_TTFT_EXTRA_MS:.0f}: ",
-        end="",
-    )
-    print(f"{verdict})")
-    verdict = "ok" if ratio >= TARGET_THROUGHPUT_RATIO else "MISSED"
-    print(f"throughput ratio gateway/direct: {ratio:.3f} (target >= ", end="")
-    print(f"{TARGET_THROUGHPUT_RATIO}: {verdict})")
+    direct = results["direct"]
+    for name in gateways:
+        through = results[name]
+        extra = percentile(through.ttft, 50) * 1000 - percentile(direct.ttft, 50) * 1000
+        ratio = (
+            statistics.fmean(through.rates) / statistics.fmean(direct.rates)
+            if through.rates and direct.rates
+            else float("nan")
+        )
+        ttft_ok = "ok" if extra <= TARGET_TTFT_EXTRA_MS else "MISSED"
+        rate_ok = "ok" if ratio >= TARGET_THROUGHPUT_RATIO else "MISSED"
+        per_piece = 1e6 * cpu[name] / max(1, total * args.chunks)
+        print(
+            f"{name}: ttft p50 - direct {extra:+.1f} ms (target <= {TARGET_TTFT_EXTRA_MS:.0f}: "
+            f"{ttft_ok}); throughput ratio {ratio:.3f} (target >= {TARGET_THROUGHPUT_RATIO}: "
+            f"{rate_ok}); server CPU {cpu[name]:.1f} s = {per_piece:.0f} us per relayed piece"
+        )
     deadline = time.monotonic() + 30
+    expected = total * len(gateways) + 8 * len(gateways)  # + the warm-up calls
     while True:
         ok, stored = map(int, manage(services, "shell", "-v", "0", "-c", COUNT_CALLS).split())
-        expected = total + 8  # + the warm-up calls
         if stored >= expected or time.monotonic() > deadline:
             break
         time.sleep(0.5)
     print(f"metered: {ok} ok of {stored} calls stored, {expected} made")
-    anomalies = [*direct.errors, *through.errors]
+    anomalies = [error for result in results.values() for error in result.errors]
     if stored != expected:
         anomalies.append(f"metered {stored} calls, not {expected}")
     for anomaly in anomalies[:10]:
@@ -213,6 +237,7 @@ def main() -> None:
     parser.add_argument("--phases", type=int, default=2, help="direct+gateway alternations")
     parser.add_argument("--chunks", type=int, default=20)
     parser.add_argument("--chunk-delay-ms", type=int, default=20)
+    parser.add_argument("--servers", default="daphne,uvicorn", help="gateway servers to measure")
     sys.exit(run(parser.parse_args()))
 
 

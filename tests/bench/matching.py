@@ -484,7 +484,8 @@ class Stack:
         from tests.live import child_env
 
         claw = {k: v for k, v in os.environ.items() if k.startswith("CLAW_")}
-        return child_env(DJANGO_SETTINGS_MODULE="claw.settings", **claw)
+        # DEBUG off, as deployed: DEBUG keeps every query's SQL in memory.
+        return child_env(DJANGO_SETTINGS_MODULE="claw.settings", **{"CLAW_DEBUG": "0", **claw})
 
     def start(self) -> None:
         from claw.cli import APPLICATION_CLOSE_TIMEOUT_S

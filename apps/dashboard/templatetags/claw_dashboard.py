@@ -1,4 +1,5 @@
-"""Template helpers for the dashboard: the navigation's approvals badge and event lines."""
+"""Template helpers for the dashboard: the navigation's approvals badge, the backend banner
+and event lines."""
 
 from django import template
 from django.utils.safestring import SafeString
@@ -15,6 +16,18 @@ def approvals_badge(context: template.Context) -> SafeString:
     if user is None or not user.is_authenticated:
         return SafeString("")
     return SafeString(approvals_badge_html(user=user, oob=False))
+
+
+@register.simple_tag(takes_context=True)
+def backend_banner(context: template.Context) -> SafeString:
+    """`#backend-banner` (apps.dashboard.model_views): while the model backend is down or
+    saturated; the page socket swaps in a new one when its status changes."""
+    from apps.dashboard.model_views import backend_banner_html
+
+    user = context.get("user")
+    if user is None or not user.is_authenticated:
+        return SafeString("")
+    return SafeString(backend_banner_html(oob=False))
 
 
 @register.filter

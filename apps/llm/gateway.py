@@ -10,12 +10,18 @@ bytes unchanged (tool calls, reasoning_content, Kimi tool-call ids), and the bac
 always asked for the usage chunk, which the client gets only if it asked too. Errors are
 OpenAI-style: `{"error": {"message", "type", "param", "code"}}`; a stream that fails after
 it started ends with an SSE `data: {"error": …}` event. Every call that reached the
-backend is metered after it ends (apps.llm.meter)."""
+backend is metered after it ends (apps.llm.meter).
+
+This is a bare ASGI application (claw.asgi sends /v1/ here), not a Django view: the
+gateway needs no session, CSRF or auth middleware, and Django runs sync middleware on one
+shared thread, where 50 concurrent streams queued for their first byte."""
 
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
+import logging
 import re
 import threading
 import time
@@ -25,15 +31,15 @@ import httpx
 import openai
 from django.conf import settings
 from django.db import InterfaceError, OperationalError, close_old_connections, connection
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
-from django.views.decorators.csrf import csrf_exempt
 
 from apps.llm.meter import METER
 from apps.llm.models import ModelCallStatus
 from apps.llm.selectors import Caller, CallerError, caller_for_token
 from apps.llm.services import CallRecord, budget_exhausted_refuse
 from claw import llm
+
+logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 DEVICE_PREFIX = "clawd_"
@@ -50,9 +56,87 @@ ERROR_TYPES = {
 # open (CONN_MAX_AGE), not a fresh thread and connection per request.
 _DB = ThreadPoolExecutor(max_workers=8, thread_name_prefix="claw-llm-db")
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
+_SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store")]
 
 
-def error_response(status: int, code: str, message: str) -> JsonResponse:
+class ClientGone(Exception):
+    """The agent closed its connection."""
+
+
+class Request:
+    """What the gateway reads of an ASGI HTTP request."""
+
+    def __init__(self, scope: dict, receive) -> None:
+        self.method = scope["method"]
+        self.headers = {
+            name.decode("latin-1").lower(): value.decode("latin-1")
+            for name, value in scope.get("headers", [])
+        }
+        self._receive = receive
+        self.raw = b""
+
+    async def body(self) -> bytes:
+        length = self.headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            raise _too_large()
+        chunks, size = [], 0
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise _too_large()
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    async def disconnected(self) -> None:
+        """Returns once the client has gone away (to be raced against the answer)."""
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+
+
+class Response:
+    """A complete answer; `Stream` answers piece by piece."""
+
+    def __init__(
+        self, body: bytes, *, status: int = 200, content_type: str = "application/json"
+    ) -> None:
+        self.body, self.status, self.content_type = body, status, content_type
+        self.headers: list[tuple[bytes, bytes]] = []
+
+    def start(self) -> dict:
+        headers = [(b"content-type", self.content_type.encode("latin-1")), *_SECURITY_HEADERS]
+        return {"type": "http.response.start", "status": self.status, "headers": headers}
+
+    async def send(self, send) -> None:
+        start = self.start()
+        start["headers"] += [*self.headers, (b"content-length", str(len(self.body)).encode())]
+        await send(start)
+        await send({"type": "http.response.body", "body": self.body})
+
+
+class Stream(Response):
+    def __init__(self, pieces, *, status: int, content_type: str) -> None:
+        super().__init__(b"", status=status, content_type=content_type)
+        self.pieces = pieces
+        self.headers = [(b"x-accel-buffering", b"no")]
+
+    async def send(self, send) -> None:
+        start = self.start()
+        start["headers"] += self.headers
+        await send(start)
+        try:
+            async for piece in self.pieces:
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+        finally:
+            await self.pieces.aclose()  # at once, also when the client went away mid-send
+        await send({"type": "http.response.body", "body": b""})
+
+
+def error_response(status: int, code: str, message: str) -> Response:
     """An OpenAI-style error. The SDK retries 408/409/429 by default; a gateway refusal
     (bad token, stale attempt, budget) is final, so those say `x-should-retry: false`."""
     error = {
@@ -61,10 +145,16 @@ def error_response(status: int, code: str, message: str) -> JsonResponse:
         "param": None,
         "code": code,
     }
-    response = JsonResponse({"error": error}, status=status)
+    response = Response(json.dumps({"error": error}).encode(), status=status)
     if status < 500:
-        response["x-should-retry"] = "false"
+        response.headers.append((b"x-should-retry", b"false"))
     return response
+
+
+def _too_large() -> CallerError:
+    return CallerError(
+        413, "request_too_large", f"The request body is larger than {MAX_BODY_BYTES} bytes."
+    )
 
 
 _checked = threading.local()
@@ -91,14 +181,33 @@ async def _db(fn, **kwargs):
     return await asyncio.get_running_loop().run_in_executor(_DB, _in_db_thread, fn, kwargs)
 
 
+# httpcore checks every idle connection of a pool (a syscall each) whenever a request
+# starts, so with one pool of ~100 kept-alive connections each call paid ~100 checks: the
+# gateway spreads its calls round robin over small pools instead.
+POOLS = 8
+
+
 @functools.cache
-def _without_retries(client: openai.AsyncOpenAI) -> openai.AsyncOpenAI:
+def _pooled_clients(client: openai.AsyncOpenAI) -> "itertools.cycle[openai.AsyncOpenAI]":
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=16)
     # The agent's own SDK retries; retrying here too would multiply a slow backend's wait.
-    return client.with_options(max_retries=0)
+    return itertools.cycle(
+        [
+            client.with_options(
+                max_retries=0,
+                http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=client.timeout),
+            )
+            for _ in range(POOLS)
+        ]
+    )
 
 
-def _int_header(request: HttpRequest, name: str) -> int | None:
-    value = request.headers.get(name)
+def _backend() -> openai.AsyncOpenAI:
+    return next(_pooled_clients(llm.async_client()))
+
+
+def _int_header(request: Request, name: str) -> int | None:
+    value = request.headers.get(name.lower())
     if value is None or value.strip() == "":
         return None
     try:
@@ -107,8 +216,8 @@ def _int_header(request: HttpRequest, name: str) -> int | None:
         raise CallerError(400, "invalid_header", f"{name} must be an integer.") from None
 
 
-async def _authenticate(request: HttpRequest, *, with_attempt: bool) -> Caller:
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+async def _authenticate(request: Request, *, with_attempt: bool) -> Caller:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token.startswith(DEVICE_PREFIX):
         raise CallerError(
@@ -119,16 +228,7 @@ async def _authenticate(request: HttpRequest, *, with_attempt: bool) -> Caller:
     return await _db(caller_for_token, raw_token=token, attempt_id=attempt_id, epoch=epoch)
 
 
-def _read_payload(request: HttpRequest) -> dict:
-    length = request.headers.get("Content-Length", "")
-    too_large = CallerError(
-        413, "request_too_large", f"The request body is larger than {MAX_BODY_BYTES} bytes."
-    )
-    if length.isdigit() and int(length) > MAX_BODY_BYTES:
-        raise too_large
-    raw = request.read(MAX_BODY_BYTES + 1)
-    if len(raw) > MAX_BODY_BYTES:
-        raise too_large
+def _parse_payload(raw: bytes) -> dict:
     try:
         payload = json.loads(raw)
     except ValueError:
@@ -210,7 +310,7 @@ class _Call:
             )
         )
 
-    def _fail(self, exc: Exception) -> JsonResponse:
+    def _fail(self, exc: Exception) -> Response:
         status, code, message = _upstream_error(exc)
         self.record(status=ModelCallStatus.ERROR, http_status=status, code=code, error=message)
         return error_response(status, code, message)
@@ -220,8 +320,8 @@ class _Call:
             self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self.completion_tokens = int(usage.get("completion_tokens") or 0)
 
-    async def run(self) -> HttpResponse:
-        client = _without_retries(llm.async_client())
+    async def run(self) -> Response:
+        client = _backend()
         manager = client.chat.completions.with_streaming_response.create(
             model=self.model, messages=self.messages, stream=self.stream, extra_body=self.extra_body
         )
@@ -239,9 +339,7 @@ class _Call:
                 error=str(exc.message)[:500],
             )
             content_type = exc.response.headers.get("content-type", "application/json")
-            return HttpResponse(
-                exc.response.content, status=exc.status_code, content_type=content_type
-            )
+            return Response(exc.response.content, status=exc.status_code, content_type=content_type)
         except (openai.APIError, httpx.HTTPError) as exc:
             return self._fail(exc)
         except asyncio.CancelledError:
@@ -249,16 +347,13 @@ class _Call:
             raise
         if not self.stream:
             return await self._answer(manager, upstream)
-        response = StreamingHttpResponse(
+        return Stream(
             self._relay(manager, upstream),
             status=upstream.status_code,
             content_type=upstream.headers.get("content-type", "text/event-stream"),
         )
-        response["Cache-Control"] = "no-cache"
-        response["X-Accel-Buffering"] = "no"
-        return response
 
-    async def _answer(self, manager, upstream) -> HttpResponse:
+    async def _answer(self, manager, upstream) -> Response:
         try:
             raw = await upstream.read()
         except (openai.APIError, httpx.HTTPError) as exc:
@@ -273,7 +368,7 @@ class _Call:
             self._note_usage(json.loads(raw).get("usage"))
         self.record(status=ModelCallStatus.OK, http_status=upstream.status_code)
         content_type = upstream.headers.get("content-type", "application/json")
-        return HttpResponse(raw, status=upstream.status_code, content_type=content_type)
+        return Response(raw, status=upstream.status_code, content_type=content_type)
 
     async def _relay(self, manager, upstream):
         status, code, error = ModelCallStatus.CANCELLED, "client_gone", ""
@@ -343,19 +438,18 @@ def _generated(choice) -> bool:
     return bool(delta.get("content") or delta.get("reasoning_content") or delta.get("tool_calls"))
 
 
-def _not_configured() -> JsonResponse:
+def _not_configured() -> Response:
     return error_response(
         503, "model_unavailable", "No model backend is configured (CLAW_LLM_BASE_URL)."
     )
 
 
-@csrf_exempt
-async def chat_completions(request: HttpRequest) -> HttpResponse:
+async def chat_completions(request: Request) -> Response:
     if request.method != "POST":
         return error_response(405, "method_not_allowed", "Use POST.")
     try:
         caller = await _authenticate(request, with_attempt=True)
-        payload = _read_payload(request)
+        payload = _parse_payload(request.raw)
         if caller.budget_exhausted:
             await _db(budget_exhausted_refuse, group_id=caller.group_id)
             raise CallerError(
@@ -372,8 +466,7 @@ async def chat_completions(request: HttpRequest) -> HttpResponse:
     return await _Call(caller, payload).run()
 
 
-@csrf_exempt
-async def models(request: HttpRequest) -> HttpResponse:
+async def models(request: Request) -> Response:
     if request.method != "GET":
         return error_response(405, "method_not_allowed", "Use GET.")
     try:
@@ -382,7 +475,7 @@ async def models(request: HttpRequest) -> HttpResponse:
         return error_response(exc.status, exc.code, exc.message)
     if not llm.configured():
         return _not_configured()
-    client = _without_retries(llm.async_client())
+    client = _backend()
     try:
         async with client.models.with_streaming_response.list() as upstream:
             raw = await upstream.read()
@@ -390,4 +483,45 @@ async def models(request: HttpRequest) -> HttpResponse:
         status, code, message = _upstream_error(exc)
         return error_response(status, code, message)
     content_type = upstream.headers.get("content-type", "application/json")
-    return HttpResponse(raw, status=upstream.status_code, content_type=content_type)
+    return Response(raw, status=upstream.status_code, content_type=content_type)
+
+
+ROUTES = {"/v1/chat/completions": chat_completions, "/v1/models": models}
+
+
+async def application(scope: dict, receive, send) -> None:
+    """ASGI entry for HTTP requests under /v1/. The answer races the client's disconnect:
+    an agent that goes away cancels the call, which closes the backend's stream."""
+    handler = ROUTES.get(scope["path"].rstrip("/"))
+    if handler is None:
+        await error_response(404, "not_found", f"No endpoint {scope['path']}.").send(send)
+        return
+    request = Request(scope, receive)
+    if request.method == "POST":
+        try:
+            request.raw = await request.body()
+        except ClientGone:
+            return
+        except CallerError as exc:
+            await error_response(exc.status, exc.code, exc.message).send(send)
+            return
+
+    async def answer() -> None:
+        try:
+            response = await handler(request)
+        except Exception:
+            logger.exception("model gateway failed on %s", scope["path"])
+            response = error_response(500, "internal_error", "The gateway failed; retry.")
+        with contextlib.suppress(ClientGone, OSError):
+            await response.send(send)
+
+    answering = asyncio.ensure_future(answer())
+    watching = asyncio.ensure_future(request.disconnected())
+    try:
+        await asyncio.wait({answering, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (answering, watching):
+            task.cancel()
+        for task in (answering, watching):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
