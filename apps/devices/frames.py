@@ -14,7 +14,7 @@ from django.utils import timezone
 from apps.checkpoints.models import Checkpoint, CheckpointSource
 from apps.checkpoints.services import checkpoint_mark_delivered, checkpoint_raise
 from apps.devices.models import Agent, AgentMessage
-from apps.events.services import event_append, event_append_many, server_binding_cursor
+from apps.events.services import event_append, event_append_many, execute_with_arrays
 from apps.tasks.models import Attempt, AttemptStatus
 from apps.tasks.services import (
     PROGRESS_KINDS,
@@ -164,13 +164,13 @@ def _progress_fence(agent_id: int, frame: protocol.Progress, attempt: dict | Non
 STORE_ANSWERS = """
 INSERT INTO devices_agentmessage (agent_id, client_id, response, created_at)
 SELECT a.agent_id, a.client_id, a.response::jsonb, %s
-FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS a (agent_id, client_id, response)
+FROM unnest(%b::bigint[], %b::text[], %b::text[]) AS a (agent_id, client_id, response)
 """
 
 
 def _store_answers(answers: dict[tuple[int, str], dict]) -> None:
     """AgentMessage rows for a batch's answers: one insert, one array per column on
-    PostgreSQL (see server_binding_cursor)."""
+    PostgreSQL (see execute_with_arrays)."""
     if not answers:
         return
     if connection.vendor != "postgresql":
@@ -181,10 +181,9 @@ def _store_answers(answers: dict[tuple[int, str], dict]) -> None:
         return
     agent_ids, client_ids = zip(*answers, strict=True)
     responses = [json.dumps(response) for response in answers.values()]
-    with server_binding_cursor() as cursor:
-        cursor.execute(
-            STORE_ANSWERS, [timezone.now(), list(agent_ids), list(client_ids), responses]
-        )
+    execute_with_arrays(
+        STORE_ANSWERS, [timezone.now(), list(agent_ids), list(client_ids), responses]
+    )
 
 
 def agent_progress_many(*, frames: list[tuple[int, protocol.Progress]]) -> list[dict]:

@@ -74,23 +74,26 @@ def json_param(value) -> Value:
     return Value(value, output_field=JSONField())
 
 
-def server_binding_cursor():
-    """A cursor on this connection whose parameters travel apart from the SQL (psycopg's
-    server-side binding; Django binds on the client by default). For inserts of many rows
-    as one array per column: psycopg dumps the arrays in C, where client-side binding
-    quotes every element into the query text in Python (about 6x the CPU for 50 events)."""
+def execute_with_arrays(sql: str, params: list) -> list[tuple]:
+    """Run an insert of many rows given as one array per column (`%b` placeholders) on
+    PostgreSQL, and return its rows. The parameters travel apart from the SQL (server-side
+    binding; Django binds on the client, quoting every element into the query text in
+    Python) and in binary (psycopg's text format escapes every array element with a regex
+    in Python): together about a tenth of the ORM's CPU, and a fifth less for a matcher."""
     from django.db.backends.postgresql.base import ServerBindingCursor
 
     connection.ensure_connection()
-    return connection._prepare_cursor(ServerBindingCursor(connection.connection))
+    with connection._prepare_cursor(ServerBindingCursor(connection.connection)) as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchall() if cursor.description else []
 
 
 INSERT_EVENTS = """
 INSERT INTO events_event
     (group_id, seq, kind, task_id, attempt_id, agent_id, actor_id, payload, created_at)
 SELECT %s, e.seq, e.kind, e.task_id, e.attempt_id, e.agent_id, e.actor_id, e.payload::jsonb, %s
-FROM unnest(%s::bigint[], %s::text[], %s::bigint[], %s::bigint[], %s::bigint[], %s::int[],
-            %s::text[]) AS e (seq, kind, task_id, attempt_id, agent_id, actor_id, payload)
+FROM unnest(%b::bigint[], %b::text[], %b::bigint[], %b::bigint[], %b::bigint[], %b::int[],
+            %b::text[]) AS e (seq, kind, task_id, attempt_id, agent_id, actor_id, payload)
 RETURNING id
 """
 
@@ -120,15 +123,15 @@ def event_append_many(*, group_id: int, events: list[dict]) -> list[Event]:
         for i, event in enumerate(events)
     ]
     if connection.vendor == "postgresql":
-        # One parameter per column (see server_binding_cursor): a tenth of the ORM's CPU.
+        # One parameter per column (see execute_with_arrays).
         columns = ["seq", "kind", "task_id", "attempt_id", "agent_id", "actor_id"]
         arrays = [[getattr(e, column) for e in created] for column in columns]
         payloads = [json.dumps(e.payload) for e in created]
-        with server_binding_cursor() as cursor:
-            cursor.execute(INSERT_EVENTS, [group_id, created[0].created_at, *arrays, payloads])
-            for event, (event_id,) in zip(created, cursor.fetchall(), strict=True):
-                event.id = event_id
-                event._state.adding, event._state.db = False, connection.alias
+        params = [group_id, created[0].created_at, *arrays, payloads]
+        rows = execute_with_arrays(INSERT_EVENTS, params)
+        for event, (event_id,) in zip(created, rows, strict=True):
+            event.id = event_id
+            event._state.adding, event._state.db = False, connection.alias
     else:
         Event.objects.bulk_create(created)
     # One message for the batch: the group's sockets read the events from the database.
