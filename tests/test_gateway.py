@@ -526,6 +526,13 @@ def test_wrong_methods_and_headers_are_refused(personas, gateway):
             json={"messages": HELLO},
             headers={"Authorization": f"Bearer {token}", "X-Claw-Attempt": "seven"},
         )
+        unknown = client.post(
+            f"{gateway}/v1/embeddings",
+            json={"input": "x"},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
+    assert "/v1/embeddings" in unknown.json()["error"]["message"]
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
     assert bad_header.status_code == 400
     assert bad_header.json()["error"]["code"] == "invalid_header"
