@@ -5,8 +5,10 @@ change readied work for others, or when the direct match failed."""
 import pytest
 from channels.db import database_sync_to_async
 from channels.testing import WebsocketCommunicator
+from django.utils import timezone
 
-from apps.tasks.models import Attempt, AttemptStatus
+from apps.devices.models import Toolkit
+from apps.tasks.models import Attempt, AttemptStatus, Task, TaskStatus
 from apps.tasks.services import (
     attempt_accept,
     attempt_complete,
@@ -111,3 +113,29 @@ async def test_the_assignment_follows_the_complete_ack_on_the_same_socket(person
     by_type = {frame["type"]: frame for frame in frames}
     assert by_type["ack"]["result"] == {"status": "succeeded"}
     assert by_type["assignment"]["task"]["id"] == waiting.id
+
+
+def test_a_freed_agent_gets_the_first_task_it_can_take(personas, requested):
+    Toolkit.objects.get_or_create(slug="browser")
+    first = running(personas, create(personas, "first"))
+    needs_browser = task_create(
+        group=personas.group,
+        actor=personas.member,
+        title="browse",
+        required_toolkits=["browser"],
+        priority=9,
+    )
+    declined = task_create(group=personas.group, actor=personas.member, title="no", priority=5)
+    Attempt.objects.create(
+        task=declined,
+        agent=personas.agent,
+        device=personas.agent.device,
+        epoch=0,
+        status=AttemptStatus.DECLINED,
+        ended_at=timezone.now(),
+    )
+    fits = create(personas, "fits")
+    attempt_complete(attempt_id=first.id, agent=personas.agent, epoch=first.epoch, result=None)
+    assert len(offered_to(personas.agent, fits)) == 1
+    assert offered_to(personas.agent, needs_browser) == offered_to(personas.agent, declined) == []
+    assert Task.objects.get(id=needs_browser.id).status == TaskStatus.READY

@@ -369,6 +369,9 @@ def agent_set_draining(*, actor: AbstractBaseUser, agent: Agent, draining: bool)
 def agent_record_outcome(*, agent_id: int, succeeded: bool, toolkits: list[str]) -> None:
     """Count a finished attempt in the agent's track record, overall and per toolkit."""
     field = "succeeded_count" if succeeded else "failed_count"
+    if not toolkits:
+        Agent.objects.filter(id=agent_id).update(**{field: F(field) + 1})
+        return
     agent = Agent.objects.select_for_update().filter(id=agent_id).only("toolkit_stats").first()
     if agent is None:
         return

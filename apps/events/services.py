@@ -52,15 +52,18 @@ def event_append(
     """
     if not transaction.get_connection().in_atomic_block:
         raise RuntimeError("event_append must run inside the transaction of the change")
-    event = Event.objects.create(
-        group_id=group_id,
-        seq=_next_seq(group_id),
-        kind=kind,
-        task_id=task_id,
-        attempt_id=attempt_id,
-        agent_id=agent_id,
-        actor_id=actor_id,
-        payload=payload or {},
+    [event] = _insert_events(
+        group_id,
+        [
+            {
+                "kind": kind,
+                "task_id": task_id,
+                "attempt_id": attempt_id,
+                "agent_id": agent_id,
+                "actor_id": actor_id,
+                "payload": payload,
+            }
+        ],
     )
     broadcast_on_commit(group_channel(group_id), _appended(event))
     return event
@@ -88,14 +91,57 @@ def execute_with_arrays(sql: str, params: list) -> list[tuple]:
         return cursor.fetchall() if cursor.description else []
 
 
+# The group's numbers are taken in the same statement (the row stays locked until commit).
 INSERT_EVENTS = """
+WITH taken AS (
+    UPDATE groups_group SET event_seq = event_seq + %s WHERE id = %s RETURNING event_seq
+)
 INSERT INTO events_event
     (group_id, seq, kind, task_id, attempt_id, agent_id, actor_id, payload, created_at)
-SELECT %s, e.seq, e.kind, e.task_id, e.attempt_id, e.agent_id, e.actor_id, e.payload::jsonb, %s
-FROM unnest(%b::bigint[], %b::text[], %b::bigint[], %b::bigint[], %b::bigint[], %b::int[],
-            %b::text[]) AS e (seq, kind, task_id, attempt_id, agent_id, actor_id, payload)
-RETURNING id
+SELECT %s, taken.event_seq - %s + e.n, e.kind, e.task_id, e.attempt_id, e.agent_id,
+       e.actor_id, e.payload::jsonb, %s
+FROM taken, unnest(%b::text[], %b::bigint[], %b::bigint[], %b::bigint[], %b::int[], %b::text[])
+     WITH ORDINALITY AS e (kind, task_id, attempt_id, agent_id, actor_id, payload, n)
+RETURNING id, seq
 """
+
+
+def _insert_events(group_id: int, events: list[dict]) -> list[Event]:
+    """Number and insert one group's events (each a dict of event_append's keyword
+    arguments but group_id), in order."""
+    now = timezone.now()
+    created = [
+        Event(
+            group_id=group_id,
+            kind=event["kind"],
+            task_id=event.get("task_id"),
+            attempt_id=event.get("attempt_id"),
+            agent_id=event.get("agent_id"),
+            actor_id=event.get("actor_id"),
+            payload=event.get("payload") or {},
+            created_at=now,
+        )
+        for event in events
+    ]
+    if connection.vendor == "postgresql":
+        # One round trip, one parameter per column (see execute_with_arrays).
+        columns = ["kind", "task_id", "attempt_id", "agent_id", "actor_id"]
+        arrays = [[getattr(e, column) for e in created] for column in columns]
+        payloads = [json.dumps(e.payload) for e in created]
+        count = len(created)
+        params = [count, group_id, group_id, count, now, *arrays, payloads]
+        rows = sorted(execute_with_arrays(INSERT_EVENTS, params), key=lambda row: row[1])
+        if not rows:
+            raise ValueError(f"group {group_id} does not exist")
+        for event, (event_id, seq) in zip(created, rows, strict=True):
+            event.id, event.seq = event_id, seq
+            event._state.adding, event._state.db = False, connection.alias
+    else:
+        first = _next_seq(group_id, len(created)) - len(created) + 1
+        for i, event in enumerate(created):
+            event.seq = first + i
+        Event.objects.bulk_create(created)
+    return created
 
 
 def event_append_many(*, group_id: int, events: list[dict]) -> list[Event]:
@@ -107,40 +153,14 @@ def event_append_many(*, group_id: int, events: list[dict]) -> list[Event]:
         raise RuntimeError("event_append_many must run inside the transaction of the change")
     if not events:
         return []
-    first = _next_seq(group_id, len(events)) - len(events) + 1
-    created = [
-        Event(
-            group_id=group_id,
-            seq=first + i,
-            kind=event["kind"],
-            task_id=event.get("task_id"),
-            attempt_id=event.get("attempt_id"),
-            agent_id=event.get("agent_id"),
-            actor_id=event.get("actor_id"),
-            payload=event.get("payload") or {},
-            created_at=timezone.now(),
-        )
-        for i, event in enumerate(events)
-    ]
-    if connection.vendor == "postgresql":
-        # One parameter per column (see execute_with_arrays).
-        columns = ["seq", "kind", "task_id", "attempt_id", "agent_id", "actor_id"]
-        arrays = [[getattr(e, column) for e in created] for column in columns]
-        payloads = [json.dumps(e.payload) for e in created]
-        params = [group_id, created[0].created_at, *arrays, payloads]
-        rows = execute_with_arrays(INSERT_EVENTS, params)
-        for event, (event_id,) in zip(created, rows, strict=True):
-            event.id = event_id
-            event._state.adding, event._state.db = False, connection.alias
-    else:
-        Event.objects.bulk_create(created)
+    created = _insert_events(group_id, events)
     # One message for the batch: the group's sockets read the events from the database.
     broadcast_on_commit(
         group_channel(group_id),
         {
             "type": "events.appended",
             "group_id": group_id,
-            "first_seq": first,
+            "first_seq": created[0].seq,
             "last_seq": created[-1].seq,
         },
     )

@@ -7,13 +7,15 @@ under the agents' row locks), so any number of matchers may run at once: a lost 
 skipped, never doubled.
 """
 
+import json
 import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 from django.db import connection, transaction
-from django.db.models import BooleanField, Count, Q
+from django.db.models import BooleanField, Count, Exists, OuterRef, Q, Subquery
 from django.db.models.expressions import RawSQL
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from apps.devices.models import Agent, AgentStatus
@@ -54,7 +56,16 @@ class Candidate:
 
 def _available_agents(group_id: int, agent_id: int | None = None) -> list[Candidate]:
     only = {"id": agent_id} if agent_id is not None else {}
-    agents = list(
+    # Live attempts only (the (agent, status) index), not every attempt the agents ever had.
+    # Read without locks: tasks_assign_many counts again under the agents' row locks.
+    live = (
+        Attempt.objects.filter(agent_id=OuterRef("id"), status__in=LIVE_ATTEMPT_STATUSES)
+        .order_by()
+        .values("agent_id")
+        .annotate(n=Count("id"))
+        .values("n")
+    )
+    agents = (
         Agent.objects.filter(
             **only,
             group_id=group_id,
@@ -63,18 +74,10 @@ def _available_agents(group_id: int, agent_id: int | None = None) -> list[Candid
             device__draining=False,
         )
         .defer("tool_schemas")
+        .annotate(live=Coalesce(Subquery(live), 0))
         .order_by("id")
     )
-    # Live attempts only (the (agent, status) index), not every attempt the agents ever had.
-    live = dict(
-        Attempt.objects.filter(
-            agent_id__in=[a.id for a in agents], status__in=LIVE_ATTEMPT_STATUSES
-        )
-        .values("agent_id")
-        .annotate(n=Count("id"))
-        .values_list("agent_id", "n")
-    )
-    candidates = [Candidate(agent=a, live=live.get(a.id, 0)) for a in agents]
+    candidates = [Candidate(agent=a, live=a.live) for a in agents]
     return [c for c in candidates if c.free > 0]
 
 
@@ -185,6 +188,29 @@ def _requires_toolkit(slug: str) -> Q | RawSQL:
     )
 
 
+def _covered_by(toolkits: list[str]) -> Q | RawSQL:
+    """A condition on tasks: every toolkit they require is among `toolkits`."""
+    if connection.vendor == "postgresql":
+        return Q(required_toolkits__contained_by=toolkits)
+    return RawSQL(
+        "NOT EXISTS (SELECT 1 FROM json_each(tasks_task.required_toolkits) "
+        "WHERE value NOT IN (SELECT value FROM json_each(%s)))",
+        [json.dumps(toolkits)],
+        output_field=BooleanField(),
+    )
+
+
+def _recently_declined_by(agent_id: int) -> Exists:
+    return Exists(
+        Attempt.objects.filter(
+            task_id=OuterRef("id"),
+            agent_id=agent_id,
+            status=AttemptStatus.DECLINED,
+            ended_at__gte=timezone.now() - DECLINE_EXCLUSION,
+        )
+    )
+
+
 def tasks_match(*, group_id: int, limit: int = 200, agent_id: int | None = None) -> list[int]:
     """Assign the group's ready tasks (highest priority, then oldest first) to the best
     available agents (or only to `agent_id`). Returns the ids of the attempts offered.
@@ -195,7 +221,10 @@ def tasks_match(*, group_id: int, limit: int = 200, agent_id: int | None = None)
 
     While the model backend is down or saturated (apps.llm.selectors.backend_holds_llm: a
     cached read), tasks that need the `llm` toolkit are left out: they stay ready, nothing
-    fails, and the probe asks for matching when the backend can take work again."""
+    fails, and the probe asks for matching when the backend can take work again.
+
+    Matching one agent reads and locks only the tasks it could take, no more of them than
+    its free capacity: the rest of the queue stays free for other matchers."""
     candidates = _available_agents(group_id, agent_id)
     if not candidates:
         return []
@@ -209,10 +238,20 @@ def tasks_match(*, group_id: int, limit: int = 200, agent_id: int | None = None)
         )
         if backend_holds_llm():
             ready = ready.exclude(_requires_toolkit(LLM_TOOLKIT))
+        if agent_id is not None:
+            [only] = candidates
+            ready = ready.filter(_covered_by(list(only.agent.toolkits))).exclude(
+                _recently_declined_by(agent_id)
+            )
+            limit = min(limit, only.free)
         ready = list(ready.order_by("-priority", "created_at", "id")[:limit])
         plan = _plan(ready, candidates)
         try:
-            attempts = tasks_assign_many(group_id=group_id, offers=plan)
+            attempts = tasks_assign_many(
+                group_id=group_id,
+                offers=plan,
+                locked_tasks={t.id: (t.epoch, t.required_toolkits) for t in ready},
+            )
         except DomainError:
             return []  # the batch rolled back; its tasks stay ready for the next round
     return [attempt.id for attempt in attempts]

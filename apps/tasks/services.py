@@ -13,7 +13,7 @@ from typing import IO, Any
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.files.storage import default_storage
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Count, F, Max
 from django.utils import timezone
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -132,20 +132,6 @@ def _ask_to_start(task: Task) -> None:
         title=f"Start task #{task.id}: {task.title}"[:200],
         details=task.instructions[:4000],
     )
-
-
-def _ask_to_start_dependents(task_id: int) -> None:
-    """After a task succeeded: its waiting before_start dependents whose dependencies have
-    all succeeded now ask for their start."""
-    for dependent in Task.objects.filter(
-        dependency_links__depends_on_id=task_id,
-        status=TaskStatus.WAITING,
-        checkpoint_policy=CheckpointPolicy.BEFORE_START,
-        start_approved_at=None,
-    ).select_related("group"):
-        statuses = dependent.dependencies.values_list("status", flat=True)
-        if _status_from_dependencies(statuses) == TaskStatus.READY:
-            _ask_to_start(dependent)
 
 
 def _require_writer(*, group_id: int, actor: AbstractBaseUser | None, agent: Agent | None) -> None:
@@ -328,16 +314,27 @@ def _descendant_ids(task_id: int) -> list[int]:
     return ids
 
 
+# online <-> busy where the agent's live attempts say so: an online agent that is full, or
+# a busy one that is not, flips. Raw SQL: the same statement costs the ORM a
+# few milliseconds of compiling on every attempt that starts or ends.
+REFRESH_AGENT_LOAD = """
+UPDATE devices_agent SET status = CASE WHEN status = %s THEN %s ELSE %s END
+WHERE id = %s AND status IN (%s, %s)
+  AND (status = %s) = (capacity <= (
+      SELECT COUNT(*) FROM tasks_attempt WHERE agent_id = %s AND status IN (%s, %s)))
+"""
+
+
 def refresh_agent_load(agent_id: int) -> None:
-    """online <-> busy from the number of live attempts; draining/offline stay as they are."""
-    agent = Agent.objects.filter(id=agent_id).values("capacity").first()
-    if agent is None:
-        return
-    live = Attempt.objects.filter(agent_id=agent_id, status__in=LIVE_ATTEMPT_STATUSES).count()
-    if live >= agent["capacity"]:
-        Agent.objects.filter(id=agent_id, status=AgentStatus.ONLINE).update(status=AgentStatus.BUSY)
-    else:
-        Agent.objects.filter(id=agent_id, status=AgentStatus.BUSY).update(status=AgentStatus.ONLINE)
+    """online <-> busy from the number of live attempts; draining/offline stay as they are.
+    One statement, which locks the agent's row only when its status changes."""
+    online, busy = AgentStatus.ONLINE.value, AgentStatus.BUSY.value
+    with connection.cursor() as cursor:
+        cursor.execute(
+            REFRESH_AGENT_LOAD,
+            [online, busy, online, agent_id, online, busy, online, agent_id]
+            + sorted(str(status) for status in LIVE_ATTEMPT_STATUSES),
+        )
 
 
 @dataclass
@@ -440,20 +437,28 @@ def _apply_fallout(group_id: int, fallout: _Fallout) -> None:
         request_matching(group_id)  # their agents have capacity again
 
 
-def _release_dependents(task_id: int) -> list[int]:
-    """Dependents whose dependencies have now all succeeded become ready."""
-    released = []
+def _release_dependents(task_id: int) -> tuple[list[int], list[Task]]:
+    """After a task succeeded, its waiting dependents whose dependencies have now all
+    succeeded: those that become ready (their ids), and the before_start ones that must
+    first ask a human (the caller raises their checkpoints after its own events)."""
+    released, to_ask = [], []
     for dependent in Task.objects.filter(
         dependency_links__depends_on_id=task_id, status=TaskStatus.WAITING
-    ):
+    ).select_related("group"):
         statuses = dependent.dependencies.values_list("status", flat=True)
-        if _readiness(dependent, statuses) == TaskStatus.READY and (
-            Task.objects.filter(id=dependent.id, status=TaskStatus.WAITING).update(
-                status=TaskStatus.READY
-            )
+        if _status_from_dependencies(statuses) != TaskStatus.READY:
+            continue
+        if _start_held(dependent):
+            if (
+                dependent.checkpoint_policy == CheckpointPolicy.BEFORE_START
+                and dependent.start_approved_at is None
+            ):
+                to_ask.append(dependent)
+        elif Task.objects.filter(id=dependent.id, status=TaskStatus.WAITING).update(
+            status=TaskStatus.READY
         ):
             released.append(dependent.id)
-    return released
+    return released, to_ask
 
 
 def _append_status_events(group_id: int, task_ids: list[int], status: str, **payload) -> None:
@@ -629,7 +634,12 @@ def task_assign(*, task_id: int, agent_id: int, choice: dict | None = None) -> A
     return attempt
 
 
-def tasks_assign_many(*, group_id: int, offers: list[tuple[int, int, dict]]) -> list[Attempt]:
+def tasks_assign_many(
+    *,
+    group_id: int,
+    offers: list[tuple[int, int, dict]],
+    locked_tasks: dict[int, tuple[int, list[str]]] | None = None,
+) -> list[Attempt]:
     """Offer several ready tasks of one group to agents in one transaction: task_assign for
     the matcher's batches, with the same rules in the same lock order.
 
@@ -639,6 +649,9 @@ def tasks_assign_many(*, group_id: int, offers: list[tuple[int, int, dict]]) -> 
     meanwhile gets only what its capacity allows, counted under its row lock. Agents are
     locked in id order, so matchers never deadlock one another; the events come last and
     the pushes go after commit. Returns the attempts made.
+
+    `locked_tasks` spares reading the tasks again when the caller's transaction already
+    holds their rows locked as ready: (epoch, required toolkits) by task id.
     """
     if not offers:
         return []
@@ -646,14 +659,16 @@ def tasks_assign_many(*, group_id: int, offers: list[tuple[int, int, dict]]) -> 
     # No savepoint inside a caller's transaction (two round trips fewer per batch): a
     # DomainError below rolls the caller's transaction back too.
     with transaction.atomic(savepoint=False):
-        tasks = {
-            task_id: (epoch, toolkits)
-            for task_id, epoch, toolkits in Task.objects.select_for_update(
-                skip_locked=True, no_key=True
-            )
-            .filter(id__in=[o[0] for o in offers], group_id=group_id, status=TaskStatus.READY)
-            .values_list("id", "epoch", "required_toolkits")
-        }
+        tasks = locked_tasks
+        if tasks is None:
+            tasks = {
+                task_id: (epoch, toolkits)
+                for task_id, epoch, toolkits in Task.objects.select_for_update(
+                    skip_locked=True, no_key=True
+                )
+                .filter(id__in=[o[0] for o in offers], group_id=group_id, status=TaskStatus.READY)
+                .values_list("id", "epoch", "required_toolkits")
+            }
         offers = [o for o in offers if o[0] in tasks]
         agents = {
             agent.id: agent
@@ -855,7 +870,7 @@ def attempt_complete(*, attempt_id: int, agent: Agent, epoch: int, result: Any) 
             agent_id=agent.id, succeeded=True, toolkits=attempt.task.required_toolkits
         )
         refresh_agent_load(agent.id)
-        released = [] if review else _release_dependents(attempt.task_id)
+        released, to_ask = ([], []) if review else _release_dependents(attempt.task_id)
         group_id = attempt.task.group_id
         # The agent's freed capacity, and released dependents. Asked first, so that on
         # commit the matcher is on its way before the events are broadcast.
@@ -874,9 +889,10 @@ def attempt_complete(*, attempt_id: int, agent: Agent, epoch: int, result: Any) 
         _append_status_events(group_id, released, TaskStatus.READY)
         if review:
             _raise_review_checkpoint(task=attempt.task, attempt=attempt, result=result)
-        else:
-            _ask_to_start_dependents(attempt.task_id)
-    attempt.refresh_from_db()
+        for dependent in to_ask:
+            _ask_to_start(dependent)
+    attempt.status, attempt.ended_at, attempt.result = AttemptStatus.SUCCEEDED, now, result
+    attempt.lease_expires_at = None
     return attempt
 
 
@@ -1094,7 +1110,7 @@ def task_result_accept(*, task_id: int, actor_id: int | None = None) -> Task:
         ).update(status=TaskStatus.SUCCEEDED, result=attempt.result, feedback="")
         if updated != 1:
             raise InvalidTransition("The task changed meanwhile; reload it.", code="conflict")
-        released = _release_dependents(task_id)
+        released, to_ask = _release_dependents(task_id)
         if released:
             request_matching(task.group_id)
         event_append(
@@ -1107,7 +1123,8 @@ def task_result_accept(*, task_id: int, actor_id: int | None = None) -> Task:
             payload={"status": TaskStatus.SUCCEEDED, "epoch": attempt.epoch, "reviewed": True},
         )
         _append_status_events(task.group_id, released, TaskStatus.READY)
-        _ask_to_start_dependents(task_id)
+        for dependent in to_ask:
+            _ask_to_start(dependent)
     task.refresh_from_db()
     return task
 
