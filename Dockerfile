@@ -25,5 +25,5 @@ RUN pip install . \
 
 USER claw
 EXPOSE 8000
-CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "--proxy-headers", \
+CMD ["python", "-m", "claw.web", "-b", "0.0.0.0", "-p", "8000", "--proxy-headers", \
      "--websocket-max-message-size", "262144", "claw.asgi:application"]

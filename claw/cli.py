@@ -74,6 +74,9 @@ APPLICATION_CLOSE_TIMEOUT_S = 60
 def _serve_embedded(*, host: str, port: int, banner: str, on_ready=None, before_stop=None) -> int:
     import asyncio
 
+    from claw.web import without_tls
+
+    without_tls()
     from daphne.endpoints import build_endpoint_description_strings
     from daphne.server import Server
     from twisted.internet import reactor, task, threads
@@ -134,7 +137,7 @@ def _service_commands(*, host: str, port: int, concurrency: int) -> dict[str, li
     daphne_limits += ["--application-close-timeout", str(APPLICATION_CLOSE_TIMEOUT_S)]
     asgi = "claw.asgi:application"
     return {
-        "web": [python, "-m", "daphne", "-b", host, "-p", str(port), *daphne_limits, asgi],
+        "web": [python, "-m", "claw.web", "-b", host, "-p", str(port), *daphne_limits, asgi],
         "worker": [*celery, "worker", "--loglevel", "INFO", "--concurrency", str(concurrency)],
         "beat": [*celery, "beat", "--loglevel", "INFO"],
     }

@@ -142,7 +142,7 @@ def test_the_existing_services_are_unchanged_apart_from_the_model_settings():
         }  # fmt: skip
         # Claw starts without the gpu profile: nothing waits for sglang.
         assert "sglang" not in app.get("depends_on", {})
-    assert SERVICES["web"]["command"][0] == "daphne"
+    assert SERVICES["web"]["command"][:3] == ["python", "-m", "claw.web"]  # Daphne, no TLS
     assert SERVICES["worker"]["command"][:4] == ["celery", "-A", "claw", "worker"]
     assert SERVICES["beat"]["deploy"] == {"replicas": 1}
 

@@ -7,8 +7,6 @@ import io
 import logging
 from dataclasses import dataclass, field
 
-import markdown
-import nh3
 from django.utils.safestring import SafeString, mark_safe
 
 from apps.tasks.models import Artifact, ArtifactKind
@@ -70,6 +68,9 @@ def _cell(value: object) -> str:
 
 def render_markdown(text: str) -> SafeString:
     """Markdown to HTML, then sanitized: no scripts, no event handlers, no javascript: URLs."""
+    import markdown  # here: a web process that never previews does not carry them
+    import nh3
+
     html = markdown.markdown(text, extensions=["tables", "fenced_code", "sane_lists"])
     return mark_safe(nh3.clean(html, link_rel="noopener noreferrer nofollow"))  # noqa: S308
 

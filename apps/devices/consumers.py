@@ -165,6 +165,8 @@ MAX_RATE_VIOLATIONS = 50
 
 
 class TokenBucket:
+    __slots__ = ("burst", "rate", "stamp", "tokens")  # one per socket: thousands of them
+
     def __init__(self, rate: float, burst: int):
         self.rate, self.burst = rate, burst
         self.tokens, self.stamp = float(burst), time.monotonic()

@@ -329,12 +329,10 @@ def refresh_agent_load(agent_id: int) -> None:
     """online <-> busy from the number of live attempts; draining/offline stay as they are.
     One statement, which locks the agent's row only when its status changes."""
     online, busy = AgentStatus.ONLINE.value, AgentStatus.BUSY.value
+    live = sorted(str(status) for status in LIVE_ATTEMPT_STATUSES)
+    params = [online, busy, online, agent_id, online, busy, online, agent_id, *live]
     with connection.cursor() as cursor:
-        cursor.execute(
-            REFRESH_AGENT_LOAD,
-            [online, busy, online, agent_id, online, busy, online, agent_id]
-            + sorted(str(status) for status in LIVE_ATTEMPT_STATUSES),
-        )
+        cursor.execute(REFRESH_AGENT_LOAD, params)
 
 
 @dataclass

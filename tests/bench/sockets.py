@@ -544,7 +544,7 @@ def server_command(kind: str, port: int) -> list[str]:
     limit = str(256 * 1024)  # as `claw up` runs Daphne (claw/cli.py)
     if kind == "daphne":
         return [
-            *(str(bindir / "daphne"), "-b", "127.0.0.1", "-p", str(port), "-v", "0"),
+            *(sys.executable, "-m", "claw.web", "-b", "127.0.0.1", "-p", str(port), "-v", "0"),
             *("--websocket-max-message-size", limit),
             *("--application-close-timeout", str(APPLICATION_CLOSE_TIMEOUT_S)),
             "claw.asgi:application",
