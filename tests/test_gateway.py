@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from apps.checkpoints.models import Checkpoint, CheckpointKind, CheckpointStatus
 from apps.checkpoints.services import checkpoint_decide
-from apps.devices.models import Device
+from apps.devices.models import Device, Toolkit
 from apps.events.models import Event
 from apps.groups.models import Group
 from apps.llm.models import ModelCall
@@ -623,3 +623,39 @@ def test_refusing_a_budget_checkpoint_keeps_the_budget_and_does_not_ask_again_at
 
     assert Group.objects.get(id=personas.group.id).llm_token_budget == 10
     assert Checkpoint.objects.filter(kind=CheckpointKind.BUDGET).count() == 1
+
+
+def test_model_tasks_wait_while_the_budget_is_used_up_and_go_once_it_is_raised(
+    personas, django_capture_on_commit_callbacks, monkeypatch
+):
+    from apps.llm.services import budget_exhausted_refuse
+    from apps.tasks.matching import tasks_match
+    from apps.tasks.services import task_create
+    from tests.conftest import make_agent
+
+    asked: list[int] = []
+    monkeypatch.setattr("apps.tasks.tasks.match_group.delay", asked.append)
+    for slug in ("llm", "shell"):
+        Toolkit.objects.get_or_create(slug=slug)
+    make_agent(personas.group, "writer", toolkits={"llm": "1.0", "shell": "1"}, capacity=2)
+    Group.objects.filter(id=personas.group.id).update(llm_token_budget=100, llm_tokens_used=100)
+    thinking = task_create(
+        group=personas.group, actor=personas.member, title="Think", required_toolkits=["llm"]
+    )
+    plain = task_create(
+        group=personas.group, actor=personas.member, title="Run", required_toolkits=["shell"]
+    )
+
+    tasks_match(group_id=personas.group.id)
+    assert Attempt.objects.filter(task=plain).exists()
+    assert not Attempt.objects.filter(task=thinking).exists()  # held, still ready
+    assert Task.objects.get(id=thinking.id).status == "ready"
+
+    budget_exhausted_refuse(group_id=personas.group.id)
+    checkpoint = Checkpoint.objects.get(kind=CheckpointKind.BUDGET)
+    with django_capture_on_commit_callbacks(execute=True):
+        checkpoint_decide(actor=personas.owner, checkpoint=checkpoint, verdict="approve")
+    assert personas.group.id in asked  # the raise asks for matching
+
+    tasks_match(group_id=personas.group.id)
+    assert Attempt.objects.filter(task=thinking).exists()

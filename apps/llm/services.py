@@ -240,6 +240,9 @@ def group_llm_budget_raise(
         base = old or group.llm_tokens_used
         new = old + math.ceil(base * percent / 100)
         Group.objects.filter(id=group_id).update(llm_token_budget=new)
+        from apps.tasks.services import request_matching
+
+        request_matching(group_id)  # tasks held for the budget may go
         event_append(
             group_id=group_id,
             kind="llm.budget_raised",
@@ -274,6 +277,9 @@ def group_llm_budget_set(
         if old == budget:
             return budget
         Group.objects.filter(id=group_id).update(llm_token_budget=budget)
+        from apps.tasks.services import request_matching
+
+        request_matching(group_id)  # tasks held for the budget may go
         event_append(
             group_id=group_id,
             kind="llm.budget_set",

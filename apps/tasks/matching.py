@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from django.db import connection, transaction
-from django.db.models import BooleanField, Count, Exists, OuterRef, Q, Subquery
+from django.db.models import BooleanField, Count, Exists, F, OuterRef, Q, Subquery
 from django.db.models.expressions import RawSQL
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -188,6 +188,15 @@ def _requires_toolkit(slug: str) -> Q | RawSQL:
     )
 
 
+def _group_budget_spent() -> Q:
+    """A condition on tasks: their group's model token budget is used up (the gateway
+    refuses its calls until an owner raises it)."""
+    return Q(
+        group__llm_token_budget__isnull=False,
+        group__llm_tokens_used__gte=F("group__llm_token_budget"),
+    )
+
+
 def _covered_by(toolkits: list[str]) -> Q | RawSQL:
     """A condition on tasks: every toolkit they require is among `toolkits`."""
     if connection.vendor == "postgresql":
@@ -220,8 +229,9 @@ def tasks_match(*, group_id: int, limit: int = 200, agent_id: int | None = None)
     racing for the same ones), then `tasks_assign_many` claims them all.
 
     While the model backend is down or saturated (apps.llm.selectors.backend_holds_llm: a
-    cached read), tasks that need the `llm` toolkit are left out: they stay ready, nothing
-    fails, and the probe asks for matching when the backend can take work again.
+    cached read), or the group's token budget is used up, tasks that need the `llm` toolkit
+    are left out: they stay ready, nothing fails, and the probe (or raising the budget)
+    asks for matching when the model can take work again.
 
     Matching one agent reads and locks only the tasks it could take, no more of them than
     its free capacity: the rest of the queue stays free for other matchers."""
@@ -231,13 +241,15 @@ def tasks_match(*, group_id: int, limit: int = 200, agent_id: int | None = None)
     now = timezone.now()
     with transaction.atomic():
         ready = (
-            Task.objects.select_for_update(skip_locked=True, no_key=True)
+            Task.objects.select_for_update(skip_locked=True, no_key=True, of=("self",))
             .defer("instructions", "steps", "result")
             .filter(group_id=group_id, status=TaskStatus.READY)
             .filter(Q(not_before__isnull=True) | Q(not_before__lte=now))
         )
         if backend_holds_llm():
             ready = ready.exclude(_requires_toolkit(LLM_TOOLKIT))
+        else:
+            ready = ready.exclude(_requires_toolkit(LLM_TOOLKIT) & _group_budget_spent())
         if agent_id is not None:
             [only] = candidates
             ready = ready.filter(_covered_by(list(only.agent.toolkits))).exclude(
