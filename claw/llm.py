@@ -4,12 +4,16 @@ defaults. Server-side callers (the planner, document → skill, the gateway) use
 clients; device agents never hold provider keys and go through the gateway instead."""
 
 import json
+import logging
+from collections.abc import Callable
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 
 from claw.errors import DomainError, InvalidInput
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # imported when first used: ~25 MB that most processes never need
     import openai
@@ -122,3 +126,46 @@ def parse_json(content: str | None, *, what: str):
         return json.loads(text)
     except ValueError as exc:
         raise InvalidInput(f"The answer is not valid JSON ({exc}).") from None
+
+
+def complete_validated(
+    *,
+    messages: list[dict],
+    name: str,
+    schema: dict,
+    max_tokens: int,
+    validate: Callable[[Any], Any],
+    what: str,
+) -> tuple[Any, str, list[dict]]:
+    """Ask for a JSON object (complete_json) and validate it; an invalid answer is asked
+    again once, with the error for the model to correct. Returns (the validated value or
+    None, the error when None, the usage of each call). A backend that fails or is not
+    configured is not asked again here: the SDK has already retried."""
+    messages = list(messages)
+    usage: list[dict] = []
+    error = ""
+    for attempt in range(2):
+        try:
+            content, used = complete_json(
+                messages=messages, name=name, schema=schema, max_tokens=max_tokens
+            )
+        except ModelUnavailable as exc:
+            return None, exc.message, usage
+        except Exception as exc:  # the model backend failed (after the SDK's retries)
+            logger.warning("%s: the model call failed: %s", name, exc)
+            return None, f"the model call failed: {type(exc).__name__}: {exc}"[:2000], usage
+        usage.append(used)
+        try:
+            return validate(parse_json(content, what=what)), "", usage
+        except InvalidInput as exc:
+            error = exc.message
+            if attempt == 0:
+                messages += [
+                    {"role": "assistant", "content": content or ""},
+                    {
+                        "role": "user",
+                        "content": f"That {name} is invalid: {exc.message}\n"
+                        "Answer again with the corrected JSON object only.",
+                    },
+                ]
+    return None, error, usage

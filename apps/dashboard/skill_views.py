@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from django import forms
 from django.contrib import messages
-from django.db.models import F, OuterRef, Subquery, Window
+from django.db.models import F, Window
 from django.db.models.functions import RowNumber
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import redirect, render
@@ -26,6 +26,7 @@ from apps.devices.skills import (
     MAX_DOCUMENT_BYTES,
     MAX_SKILL_CHARS,
     SKILL_EDITOR_ROLE,
+    latest_ready_version,
     skill_document_upload,
     skill_edit,
     toolkit_get,
@@ -67,19 +68,10 @@ def _toolkits_data(group: Group, role: str) -> dict:
     """Every toolkit of the group with its current skill and its last VERSIONS_SHOWN
     versions: five queries, however many toolkits and versions there are."""
     toolkits = toolkits_for_group(group=group)
-    latest_ready = (
-        ToolkitSkill.objects.filter(
-            group_id=OuterRef("group_id"),
-            toolkit_id=OuterRef("toolkit_id"),
-            status=SkillStatus.READY,
-        )
-        .order_by("-version")
-        .values("version")[:1]
-    )
     current = {
         skill.toolkit_id: skill
         for skill in ToolkitSkill.objects.filter(
-            group=group, toolkit__in=toolkits, version=Subquery(latest_ready)
+            group=group, toolkit__in=toolkits, version=latest_ready_version()
         )
         .defer("document_text")
         .select_related("created_by")

@@ -61,14 +61,10 @@ PDF_TYPES = (".pdf",)
 # --- reading ------------------------------------------------------------------------------
 
 
-def skills_current(
-    *, group_id: int, slugs: list[str], budget: int | None = MAX_SKILLS_CHARS_PER_TASK
-) -> dict[str, str]:
-    """The current skill text of each of these toolkits that has one in this group (one
-    query), in the order of `slugs`; at most `budget` characters in all (None: no limit)."""
-    if not slugs:
-        return {}
-    latest = (
+def latest_ready_version() -> Subquery:
+    """For a ToolkitSkill row in a query: the newest ready version of its group's toolkit
+    (the current skill is the row whose version equals it)."""
+    return Subquery(
         ToolkitSkill.objects.filter(
             group_id=OuterRef("group_id"),
             toolkit_id=OuterRef("toolkit_id"),
@@ -77,12 +73,21 @@ def skills_current(
         .order_by("-version")
         .values("version")[:1]
     )
+
+
+def skills_current(
+    *, group_id: int, slugs: list[str], budget: int | None = MAX_SKILLS_CHARS_PER_TASK
+) -> dict[str, str]:
+    """The current skill text of each of these toolkits that has one in this group (one
+    query), in the order of `slugs`; at most `budget` characters in all (None: no limit)."""
+    if not slugs:
+        return {}
     found = dict(
         ToolkitSkill.objects.filter(
             group_id=group_id,
             toolkit__slug__in=slugs,
             status=SkillStatus.READY,
-            version=Subquery(latest),
+            version=latest_ready_version(),
         ).values_list("toolkit__slug", "text")
     )
     skills = {}
@@ -475,37 +480,14 @@ def skill_generate(*, skill_id: int) -> str:
         },
         {"role": "user", "content": _document_prompt(skill)},
     ]
-    usage: list[dict] = []
-    error, text = "", None
-    for attempt in range(2):
-        try:
-            content, used = llm.complete_json(
-                messages=messages, name="skill", schema=skill_schema(), max_tokens=MODEL_MAX_TOKENS
-            )
-        except llm.ModelUnavailable as exc:
-            error = exc.message
-            break
-        except Exception as exc:  # the model backend failed (after the SDK's retries)
-            logger.warning("skill %s: the model call failed: %s", skill_id, exc)
-            error = f"the model call failed: {type(exc).__name__}: {exc}"[:2000]
-            break
-        usage.append(used)
-        try:
-            text = skill_markdown(
-                skill_validate(llm.parse_json(content, what="the skill's JSON object"))
-            )
-            break
-        except InvalidInput as exc:
-            error = exc.message
-            if attempt == 0:
-                messages += [
-                    {"role": "assistant", "content": content or ""},
-                    {
-                        "role": "user",
-                        "content": f"That skill is invalid: {exc.message}\n"
-                        "Answer again with the corrected JSON object only.",
-                    },
-                ]
+    text, error, usage = llm.complete_validated(
+        messages=messages,
+        name="skill",
+        schema=skill_schema(),
+        max_tokens=MODEL_MAX_TOKENS,
+        validate=lambda answer: skill_markdown(skill_validate(answer)),
+        what="the skill's JSON object",
+    )
     return _record(skill, text=text, error=error, usage=usage)
 
 

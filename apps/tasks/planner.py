@@ -31,7 +31,6 @@ validated here all the same (the backend may not enforce the schema, or may cut 
 
 import hashlib
 import json
-import logging
 from datetime import timedelta
 
 from django.contrib.auth.models import AbstractBaseUser
@@ -46,8 +45,6 @@ from apps.groups.selectors import require_role
 from apps.tasks.models import TERMINAL_TASK_STATUSES, Task, TaskStatus
 from claw import llm
 from claw.errors import InvalidInput, InvalidTransition
-
-logger = logging.getLogger(__name__)
 
 MAX_TASKS = 50
 MAX_TITLE = 200
@@ -387,21 +384,10 @@ def _goal_prompt(task: Task, feedback: str) -> str:
     return "\n\n".join(parts)
 
 
-def _parse(content: str | None):
-    return llm.parse_json(content, what="the plan's JSON object")
-
-
 def _finished(task_id: int, request_id: int) -> bool:
     return Event.objects.filter(
         task_id=task_id, kind__in=_outcome_kinds(), payload__request_id=request_id
     ).exists()
-
-
-def _ask(messages: list[dict], toolkits: list[str]) -> tuple[str, dict]:
-    """One model call (structured output, streamed); the answer's text and the usage."""
-    return llm.complete_json(
-        messages=messages, name="plan", schema=plan_schema(toolkits), max_tokens=MODEL_MAX_TOKENS
-    )
 
 
 def plan_generate(*, task_id: int, request_id: int) -> str:
@@ -421,35 +407,14 @@ def plan_generate(*, task_id: int, request_id: int) -> str:
         },
         {"role": "user", "content": _goal_prompt(task, request.payload.get("feedback", ""))},
     ]
-    usage: list[dict] = []
-    error = ""
-    proposal = None
-    for attempt in range(2):
-        try:
-            content, used = _ask(messages, toolkits)
-        except llm.ModelUnavailable as exc:
-            error = exc.message
-            break
-        except Exception as exc:  # the model backend failed (after the SDK's retries)
-            logger.warning("planning task %s: the model call failed: %s", task_id, exc)
-            error = f"the model call failed: {type(exc).__name__}: {exc}"[:2000]
-            break
-        usage.append(used)
-        try:
-            proposal = plan_validate(_parse(content), toolkits=set(toolkits))
-            break
-        except InvalidInput as exc:
-            error = exc.message
-            proposal = None
-            if attempt == 0:
-                messages += [
-                    {"role": "assistant", "content": content or ""},
-                    {
-                        "role": "user",
-                        "content": f"That plan is invalid: {exc.message}\n"
-                        "Answer again with the corrected JSON object only.",
-                    },
-                ]
+    proposal, error, usage = llm.complete_validated(
+        messages=messages,
+        name="plan",
+        schema=plan_schema(toolkits),
+        max_tokens=MODEL_MAX_TOKENS,
+        validate=lambda answer: plan_validate(answer, toolkits=set(toolkits)),
+        what="the plan's JSON object",
+    )
     return _record(task, request_id, proposal=proposal, error=error, usage=usage)
 
 
