@@ -19,6 +19,22 @@ from tests.live import BIN, Browser, child_env, dedicated_services, free_port, r
 from tests.live import wait_healthy as _wait_healthy
 
 CLAW = str(BIN / "claw")
+WORK_STATE = [
+    "SELECT id, title, status, epoch, required_toolkits FROM tasks_task ORDER BY id",
+    "SELECT id, task_id, agent_id, status, epoch, offered_at, ended_at FROM tasks_attempt",
+    "SELECT id, name, status, capacity, toolkits, last_heartbeat_at FROM devices_agent",
+]
+
+
+def work_state(env: dict[str, str]) -> str:
+    """Tasks, attempts and agents as the services database has them: what a stalled demo
+    was waiting for."""
+    url = env["CLAW_DATABASE_URL"]
+    runs = [
+        subprocess.run(["psql", url, "-c", query], capture_output=True, text=True)
+        for query in WORK_STATE
+    ]
+    return "\n".join(run.stdout + run.stderr for run in runs)
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +186,10 @@ def test_services_mode_supervises_daphne_worker_and_beat(services_env):
         assert "Demo group" in browser.get("/")[1]
         # The whole services path: matching on the Celery worker via Redis, offers pushed
         # through the Redis channel layer to agents connected to Daphne.
-        claw.wait_for(r"demo complete", timeout=60)
+        try:
+            claw.wait_for(r"demo complete", timeout=60)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{work_state(services_env)}") from None
 
         claw.terminate(timeout=25)
         assert claw.popen.returncode == 0, claw.output()
