@@ -529,11 +529,14 @@ def test_wrong_methods_and_headers_are_refused(personas, gateway):
         wrong = client.get(
             f"{gateway}/v1/chat/completions", headers={"Authorization": f"Bearer {token}"}
         )
-        bad_header = client.post(
-            f"{gateway}/v1/chat/completions",
-            json={"messages": HELLO},
-            headers={"Authorization": f"Bearer {token}", "X-Claw-Attempt": "seven"},
-        )
+        bad_headers = [
+            client.post(
+                f"{gateway}/v1/chat/completions",
+                json={"messages": HELLO},
+                headers={"Authorization": f"Bearer {token}", "X-Claw-Attempt": value},
+            )
+            for value in ("seven", "-3", str(2**63), "1" * 400)
+        ]
         unknown = client.post(
             f"{gateway}/v1/embeddings",
             json={"input": "x"},
@@ -542,8 +545,9 @@ def test_wrong_methods_and_headers_are_refused(personas, gateway):
     assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
     assert "/v1/embeddings" in unknown.json()["error"]["message"]
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
-    assert bad_header.status_code == 400
-    assert bad_header.json()["error"]["code"] == "invalid_header"
+    for bad_header in bad_headers:
+        assert bad_header.status_code == 400
+        assert bad_header.json()["error"]["code"] == "invalid_header"
 
 
 # --- metering and budgets, in-process ----------------------------------------------------

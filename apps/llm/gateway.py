@@ -211,9 +211,12 @@ def _int_header(request: Request, name: str) -> int | None:
     if value is None or value.strip() == "":
         return None
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        raise CallerError(400, "invalid_header", f"{name} must be an integer.") from None
+        number = -1
+    if not 0 <= number < 2**63:
+        raise CallerError(400, "invalid_header", f"{name} must be a non-negative integer.")
+    return number
 
 
 async def _authenticate(request: Request, *, with_attempt: bool) -> Caller:

@@ -2,18 +2,18 @@
 backend's status as the probe last saw it."""
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.core.cache import cache
+from django.db import connection
 from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from apps.devices.models import Device
 from apps.llm.models import Backend, BackendProbe, BackendStatus, ModelCall, ModelCallStatus
-from apps.tasks.models import LIVE_ATTEMPT_STATUSES, Attempt
+from apps.tasks.models import LIVE_ATTEMPT_STATUSES
 from claw.tokens import token_hash
 
 logger = logging.getLogger(__name__)
@@ -42,49 +42,52 @@ class CallerError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+CALLER_SQL = """
+SELECT d.id, d.group_id, g.llm_token_budget, g.llm_tokens_used,
+       a.id, a.agent_id, a.task_id, a.epoch, a.status, t.epoch
+FROM devices_device d
+JOIN groups_group g ON g.id = d.group_id
+LEFT JOIN tasks_attempt a ON a.id = %s AND a.device_id = d.id
+LEFT JOIN tasks_task t ON t.id = a.task_id
+WHERE d.token_hash = %s AND d.revoked_at IS NULL
+"""
+
+
 def caller_for_token(
     *, raw_token: str, attempt_id: int | None = None, epoch: int | None = None
 ) -> Caller:
-    """The unrevoked device holding this token (one query, with its group's budget), and
-    the attempt it names: the attempt must be this device's (else not found: a device does
-    not learn about other devices' attempts) and live at that epoch (else stale_attempt)."""
-    device = (
-        Device.objects.filter(token_hash=token_hash(raw_token), revoked_at=None)
-        .select_related("group")
-        .only("id", "group_id", "group__llm_token_budget", "group__llm_tokens_used")
-        .first()
-    )
-    if device is None:
+    """The unrevoked device holding this token, its group's budget, and the attempt it
+    names: the attempt must be this device's (else not found: a device does not learn
+    about other devices' attempts) and live at that epoch (else stale_attempt).
+
+    One statement in SQL: this runs before every model call's first byte, and the ORM's
+    two queries cost about 1 ms against 0.15 ms."""
+    with connection.cursor() as cursor:
+        cursor.execute(CALLER_SQL, [attempt_id, token_hash(raw_token)])
+        row = cursor.fetchone()
+    if row is None:
         raise CallerError(401, "invalid_api_key", "The device token is unknown or revoked.")
-    found = {}
-    if attempt_id is not None:
-        attempt = (
-            Attempt.objects.filter(id=attempt_id, device_id=device.id)
-            .select_related("task")
-            .only("id", "agent_id", "task_id", "epoch", "status", "task__epoch")
-            .first()
-        )
-        if attempt is None:
-            raise CallerError(404, "attempt_not_found", f"This device has no attempt {attempt_id}.")
-        if (
-            attempt.status not in LIVE_ATTEMPT_STATUSES
-            or attempt.task.epoch != attempt.epoch
-            or (epoch is not None and epoch != attempt.epoch)
-        ):
-            raise CallerError(
-                409,
-                "stale_attempt",
-                f"Attempt {attempt_id} is no longer live (it is {attempt.status}, epoch "
-                f"{attempt.epoch}; the task is at epoch {attempt.task.epoch}).",
-            )
-        found = {"agent_id": attempt.agent_id, "task_id": attempt.task_id, "attempt_id": attempt.id}
-    return Caller(
-        device_id=device.id,
-        group_id=device.group_id,
-        llm_token_budget=device.group.llm_token_budget,
-        llm_tokens_used=device.group.llm_tokens_used,
-        **found,
+    device_id, group_id, budget, used, *attempt = row
+    found_id, agent_id, task_id, epoch_now, status, task_epoch = attempt
+    caller = Caller(
+        device_id=device_id, group_id=group_id, llm_token_budget=budget, llm_tokens_used=used
     )
+    if attempt_id is None:
+        return caller
+    if found_id is None:
+        raise CallerError(404, "attempt_not_found", f"This device has no attempt {attempt_id}.")
+    if (
+        status not in LIVE_ATTEMPT_STATUSES
+        or task_epoch != epoch_now
+        or (epoch is not None and epoch != epoch_now)
+    ):
+        raise CallerError(
+            409,
+            "stale_attempt",
+            f"Attempt {attempt_id} is no longer live (it is {status}, epoch {epoch_now}; the "
+            f"task is at epoch {task_epoch}).",
+        )
+    return replace(caller, agent_id=agent_id, task_id=task_id, attempt_id=found_id)
 
 
 # --- usage -------------------------------------------------------------------------------

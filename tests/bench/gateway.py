@@ -3,8 +3,10 @@
 One run, services mode (PostgreSQL + Redis): a fresh database with a group and a paired
 device, tests/llm_server as the backend (its own process, every answer streamed in
 --chunks pieces --chunk-delay-ms apart), and Claw with that backend configured, served by
-Daphne and by Uvicorn (--servers; the same claw.asgi application). The client (asyncio +
-httpx, this process) keeps --streams streams open at once for --rounds rounds, alternating
+Daphne (`python -m claw.web`, as deployed) and by Uvicorn (--servers; the same claw.asgi
+application). The client (this process, a lean asyncio HTTP/1.1 client) keeps --streams
+streams open at once, each worker making --rounds calls back to back, their starts spread
+over one stream's length (or, with --burst, all together each round); it alternates
 direct and gateway phases so all see the same machine, and reports per path:
   * time to first token (request sent -> first content piece received), p50 / p95;
   * streamed throughput: content pieces per second per stream (request to last piece).
@@ -12,7 +14,8 @@ Targets: gateway TTFT p50 <= direct + 2 ms; throughput ratio >= 0.9. Per server 
 prints the server's CPU time per relayed piece, the figure least moved by a noisy machine.
 Every call through the gateway is metered; the run checks the ModelCall rows at the end.
 
-    python -m tests.bench.gateway                       # 50 streams x 4 rounds x 2 phases
+    python -m tests.bench.gateway                       # 50 streams x 4 calls x 2 phases
+    python -m tests.bench.gateway --burst               # 50 calls at once, 4 times
     python -m tests.bench.gateway --streams 5 --rounds 1 --phases 1     # smoke size
 """
 
@@ -25,10 +28,9 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import httpx
 
 from tests.bench.common import percentile
 from tests.live import (
@@ -71,49 +73,104 @@ class Results:
     errors: list[str] = field(default_factory=list)
 
 
-async def one_stream(client: httpx.AsyncClient, url: str, token: str, results: Results) -> None:
-    body = {"model": "kimi-k2.6", "messages": [{"role": "user", "content": "go"}], "stream": True}
-    headers = {"Authorization": f"Bearer {token}"}
-    started = time.perf_counter()
-    first = last = None
-    pieces = 0
+class Connection:
+    """A minimal keep-alive HTTP/1.1 client for the load: httpx spent more CPU per piece
+    than the gateway did, and on a 2-core machine the client's own lag hid the gateway's."""
+
+    def __init__(self, url: str) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        self.host, self.port, self.path = parsed.hostname, parsed.port, parsed.path
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def stream(self, body: bytes, token: str, results: Results) -> None:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = (
+            f"POST {self.path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        started = time.perf_counter()
+        self.writer.write(head + body)
+        status_line = await self.reader.readline()
+        headers = {}
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if b" 200 " not in status_line or headers.get("transfer-encoding") != "chunked":
+            results.errors.append(f"{status_line!r} {headers}")
+            await self.close()
+            return
+        first = last = None
+        pieces = 0
+        buffer = b""
+        while size := int((await self.reader.readline()).split(b";")[0], 16):
+            buffer += (await self.reader.readexactly(size + 2))[:-2]
+            *events, buffer = buffer.split(b"\n\n")
+            for event in events:
+                if b'"content": "' in event and b'"content": ""' not in event:
+                    last = time.perf_counter()
+                    first = first or last
+                    pieces += 1
+        await self.reader.readline()  # the empty trailer
+        if headers.get("connection", "").lower() == "close":
+            await self.close()
+        if first is None:
+            results.errors.append("no content")
+            return
+        results.ttft.append(first - started)
+        # Whole-stream rate (request sent -> last piece): pieces that arrive late and
+        # bunched do not look fast.
+        results.rates.append(pieces / (last - started))
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+
+
+BODY = json.dumps(
+    {"model": "kimi-k2.6", "messages": [{"role": "user", "content": "go"}], "stream": True}
+).encode()
+
+
+async def worker(url: str, token: str, calls: int, delay: float, results: Results) -> None:
+    await asyncio.sleep(delay)
+    connection = Connection(url)
     try:
-        async with client.stream("POST", url, json=body, headers=headers) as response:
-            if response.status_code != 200:
-                results.errors.append(f"{response.status_code} {(await response.aread())[:200]}")
-                return
-            buffer = b""
-            async for chunk in response.aiter_raw():
-                buffer += chunk
-                *events, buffer = buffer.split(b"\n\n")
-                for event in events:
-                    if b'"content": "' in event and b'"content": ""' not in event:
-                        now = time.perf_counter()
-                        first = first or now
-                        last = now
-                        pieces += 1
-    except httpx.HTTPError as exc:
-        results.errors.append(f"{type(exc).__name__}: {exc}")
-        return
-    if first is None:
-        results.errors.append("no content")
-        return
-    results.ttft.append(first - started)
-    # Whole-stream rate (request sent -> last piece): pieces that arrive late and bunched
-    # do not look fast.
-    results.rates.append(pieces / (last - started))
+        for _ in range(calls):
+            try:
+                await connection.stream(BODY, token, results)
+            except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+                results.errors.append(f"{type(exc).__name__}: {exc}")
+                await connection.close()
+    finally:
+        await connection.close()
 
 
-async def phase(url: str, token: str, streams: int, rounds: int, results: Results) -> None:
-    limits = httpx.Limits(max_connections=streams * 2, max_keepalive_connections=streams * 2)
-    timeout = httpx.Timeout(60)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as client:
-        for _ in range(rounds):
-            await asyncio.gather(*(one_stream(client, url, token, results) for _ in range(streams)))
+async def phase(url: str, token: str, args: argparse.Namespace, results: Results) -> None:
+    """--streams workers, each making --rounds calls back to back: --streams streams are
+    open at once all through. Steady (default): the workers start spread over one
+    stream's length, so calls begin at a steady rate, as agents' calls do. --burst: all
+    start together each round, the harshest case for time to first token."""
+    if args.burst:
+        for _ in range(args.rounds):
+            await asyncio.gather(*(worker(url, token, 1, 0, results) for _ in range(args.streams)))
+        return
+    span = args.chunks * args.chunk_delay_ms / 1000
+    await asyncio.gather(
+        *(
+            worker(url, token, args.rounds, span * i / args.streams, results)
+            for i in range(args.streams)
+        )
+    )
 
 
 async def warm(url: str, token: str) -> None:
-    await phase(url, token, 4, 2, Results())
+    await asyncio.gather(*(worker(url, token, 2, 0, Results()) for _ in range(4)))
 
 
 def row(name: str, results: Results, count: int) -> str:
@@ -126,7 +183,7 @@ def row(name: str, results: Results, count: int) -> str:
 
 
 SERVERS = {
-    "daphne": lambda port: [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)],
+    "daphne": lambda port: [PYTHON, "-m", "claw.web", "-b", "127.0.0.1", "-p", str(port)],
     "uvicorn": lambda port: [
         *(PYTHON, "-m", "uvicorn", "--host", "127.0.0.1", "--port", str(port)),
         *("--lifespan", "off", "--log-level", "warning"),
@@ -179,16 +236,21 @@ def measure(args, backend: LLMServer, gateways: dict, token: str, services: dict
     for url in paths.values():
         asyncio.run(warm(url, token))
     backend.reset()
+    idle = {name: cpu_seconds(pid) for name, (_, pid) in gateways.items()}
+    time.sleep(3)
+    idle = {name: (cpu_seconds(gateways[name][1]) - idle[name]) / 3 for name in gateways}
+    print("idle CPU " + ", ".join(f"{name} {share:.1%}" for name, share in idle.items()))
     for _ in range(args.phases):
         for name, url in paths.items():
             backend.script(*[answer] * per_phase)
             before = cpu_seconds(gateways[name][1]) if name in gateways else 0.0
-            asyncio.run(phase(url, token, args.streams, args.rounds, results[name]))
+            asyncio.run(phase(url, token, args, results[name]))
             if name in gateways:
                 cpu[name] += cpu_seconds(gateways[name][1]) - before
     total = per_phase * args.phases
     print(
-        f"{args.streams} concurrent streams x {args.rounds} rounds x {args.phases} phases; "
+        f"{args.streams} concurrent streams x {args.rounds} calls each x {args.phases} phases, "
+        f"{'all starting together each round' if args.burst else 'starting spread out'}; "
         f"{args.chunks} pieces {args.chunk_delay_ms} ms apart"
     )
     print(
@@ -237,6 +299,9 @@ def main() -> None:
     parser.add_argument("--phases", type=int, default=2, help="direct+gateway alternations")
     parser.add_argument("--chunks", type=int, default=20)
     parser.add_argument("--chunk-delay-ms", type=int, default=20)
+    parser.add_argument(
+        "--burst", action="store_true", help="all streams start together, each round"
+    )
     parser.add_argument("--servers", default="daphne,uvicorn", help="gateway servers to measure")
     sys.exit(run(parser.parse_args()))
 
