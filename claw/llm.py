@@ -5,6 +5,7 @@ clients; device agents never hold provider keys and go through the gateway inste
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -139,12 +140,13 @@ def complete_validated(
 ) -> tuple[Any, str, list[dict]]:
     """Ask for a JSON object (complete_json) and validate it; an invalid answer is asked
     again once, with the error for the model to correct. Returns (the validated value or
-    None, the error when None, the usage of each call). A backend that fails or is not
-    configured is not asked again here: the SDK has already retried."""
+    None, the error when None, the usage of each call with its latency_ms). A backend that
+    fails or is not configured is not asked again here: the SDK has already retried."""
     messages = list(messages)
     usage: list[dict] = []
     error = ""
     for attempt in range(2):
+        started = time.monotonic()
         try:
             content, used = complete_json(
                 messages=messages, name=name, schema=schema, max_tokens=max_tokens
@@ -154,7 +156,7 @@ def complete_validated(
         except Exception as exc:  # the model backend failed (after the SDK's retries)
             logger.warning("%s: the model call failed: %s", name, exc)
             return None, f"the model call failed: {type(exc).__name__}: {exc}"[:2000], usage
-        usage.append(used)
+        usage.append({**used, "latency_ms": round((time.monotonic() - started) * 1000)})
         try:
             return validate(parse_json(content, what=what)), "", usage
         except InvalidInput as exc:

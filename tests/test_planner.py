@@ -10,6 +10,8 @@ from django.test import override_settings
 from apps.checkpoints.models import Checkpoint, CheckpointKind, CheckpointSource
 from apps.checkpoints.services import checkpoint_raise
 from apps.events.models import Event
+from apps.groups.models import Group
+from apps.llm.models import ModelCall
 from apps.tasks.models import Task, TaskStatus
 from apps.tasks.planner import plan_generate, plan_validate
 from apps.tasks.services import task_create
@@ -192,6 +194,43 @@ def test_a_model_using_an_undeclared_toolkit_is_corrected(
     assert run_planner == ["failed"]
     [failed] = events(goal, "plan.failed")
     assert "unknown toolkit(s) browser" in failed.payload["error"]
+
+
+def test_planning_is_charged_to_the_groups_budget_and_refused_when_it_is_used_up(
+    personas, goal, llm, run_planner, django_capture_on_commit_callbacks
+):
+    broken = json.loads(json.dumps(PLAN))
+    broken["tasks"][1]["depends_on"] = ["measurement"]
+    llm.script(
+        {"content": json.dumps(broken), "usage": {"prompt_tokens": 900, "completion_tokens": 100}},
+        {**answer(PLAN), "usage": {"prompt_tokens": 1000, "completion_tokens": 200}},
+    )
+    Group.objects.filter(id=personas.group.id).update(llm_token_budget=2000)
+
+    request_plan(django_capture_on_commit_callbacks, personas.member, goal)
+
+    # Both calls (the invalid answer and its correction) count, as agents' calls do.
+    assert run_planner == ["proposed"]
+    calls = ModelCall.objects.filter(group=personas.group, task=goal).order_by("id")
+    assert [(c.prompt_tokens, c.completion_tokens, c.device_id) for c in calls] == [
+        (900, 100, None),
+        (1000, 200, None),
+    ]
+    assert all(c.latency_ms >= 0 and c.model == "kimi-k2.6" for c in calls)
+    personas.group.refresh_from_db()
+    assert personas.group.llm_tokens_used == 2200
+    assert Event.objects.filter(group=personas.group, kind="llm.call").count() == 2
+    assert Checkpoint.objects.filter(group=personas.group, kind=CheckpointKind.BUDGET).count() == 1
+
+    # Over budget, the next plan is refused without asking the model.
+    other = task_create(group=personas.group, actor=personas.member, title="Another goal")
+    request_plan(django_capture_on_commit_callbacks, personas.member, other)
+
+    assert run_planner == ["proposed", "failed"]
+    assert len(llm.requests()) == 2
+    [failed] = events(other, "plan.failed")
+    assert "budget is used up (2,200 of 2,000 tokens)" in failed.payload["error"]
+    assert Checkpoint.objects.filter(group=personas.group, kind=CheckpointKind.BUDGET).count() == 1
 
 
 def test_a_request_is_made_once(

@@ -12,12 +12,14 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.utils import timezone
 
+from apps.checkpoints.models import Checkpoint, CheckpointKind
 from apps.dashboard.live import PAGES, LiveContext
 from apps.devices.models import SkillStatus, Toolkit, ToolkitSkill
 from apps.devices.selectors import assignment_frame, welcome_frame
 from apps.devices.skills import MAX_SKILL_CHARS, skill_edit, skill_generate, skills_current
 from apps.events.models import Event
 from apps.groups.models import Group
+from apps.llm.models import ModelCall
 from apps.tasks.services import task_assign, task_create
 from claw import protocol
 from tests.llm_server import LLMServer
@@ -247,6 +249,25 @@ def test_a_model_error_fails_the_version(
 
     assert generated == ["failed"]
     assert "model call failed" in skills(personas.group)[0].error
+
+
+def test_a_skill_is_charged_to_the_budget_and_not_made_once_it_is_used_up(
+    personas, llm, generated, django_capture_on_commit_callbacks
+):
+    llm.script({**answer(SKILL), "usage": {"prompt_tokens": 700, "completion_tokens": 300}})
+    Group.objects.filter(id=personas.group.id).update(llm_token_budget=1000)
+
+    upload(django_capture_on_commit_callbacks, personas.owner)
+    upload(django_capture_on_commit_callbacks, personas.owner, name="second.md")
+
+    assert generated == ["ready", "failed"]
+    assert len(llm.requests()) == 1
+    [call] = ModelCall.objects.filter(group=personas.group)
+    assert (call.prompt_tokens, call.completion_tokens, call.device_id) == (700, 300, None)
+    first, second = skills(personas.group)
+    assert first.status == SkillStatus.READY
+    assert "budget is used up (1,000 of 1,000 tokens)" in second.error
+    assert Checkpoint.objects.filter(group=personas.group, kind=CheckpointKind.BUDGET).exists()
 
 
 def test_a_ready_skill_is_not_made_again(

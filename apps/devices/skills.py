@@ -33,6 +33,7 @@ from apps.devices.models import Agent, SkillSource, SkillStatus, Toolkit, Toolki
 from apps.events.services import event_append
 from apps.groups.models import Group, Role
 from apps.groups.selectors import require_role
+from apps.llm.services import group_budget_refusal, group_calls_charge
 from claw import llm
 from claw.errors import InvalidInput, InvalidTransition, NotFound
 
@@ -465,6 +466,9 @@ def skill_generate(*, skill_id: int) -> str:
     skill = ToolkitSkill.objects.select_related("toolkit").filter(id=skill_id).first()
     if skill is None or skill.status != SkillStatus.PENDING:
         return "skipped"
+    refusal = group_budget_refusal(group_id=skill.group_id)
+    if refusal:
+        return _record(skill, text=None, error=refusal, usage=[])
     toolkit = skill.toolkit
     description = f" ({toolkit.description[:300]})" if toolkit.description else ""
     messages = [
@@ -488,6 +492,7 @@ def skill_generate(*, skill_id: int) -> str:
         validate=lambda answer: skill_markdown(skill_validate(answer)),
         what="the skill's JSON object",
     )
+    group_calls_charge(group_id=skill.group_id, usage=usage)
     return _record(skill, text=text, error=error, usage=usage)
 
 

@@ -36,7 +36,7 @@ from django.utils import timezone
 from apps.llm.meter import METER
 from apps.llm.models import ModelCallStatus
 from apps.llm.selectors import Caller, CallerError, caller_for_token
-from apps.llm.services import CallRecord, budget_exhausted_refuse
+from apps.llm.services import CallRecord, budget_exhausted_message, budget_exhausted_refuse
 from claw import llm
 
 logger = logging.getLogger(__name__)
@@ -461,9 +461,7 @@ async def chat_completions(request: Request) -> Response:
             raise CallerError(
                 429,
                 "budget_exhausted",
-                f"The group's model token budget is used up ({caller.llm_tokens_used:,} of "
-                f"{caller.llm_token_budget:,} tokens). The group's owners were asked to "
-                "raise it (a budget checkpoint).",
+                budget_exhausted_message(caller.llm_tokens_used, caller.llm_token_budget),
             )
     except CallerError as exc:
         return error_response(exc.status, exc.code, exc.message)

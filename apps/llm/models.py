@@ -12,8 +12,9 @@ class ModelCallStatus(models.TextChoices):
 
 
 class ModelCall(models.Model):
-    """One chat completion an agent made through the gateway (apps.llm.gateway), metered
-    after it ended. Tokens are the backend's own count (its `usage`)."""
+    """One chat completion an agent made through the gateway (apps.llm.gateway), or Claw
+    made for the group itself (a plan, a skill: no device), metered after it ended. Tokens
+    are the backend's own count (its `usage`)."""
 
     group = models.ForeignKey(Group, on_delete=models.CASCADE, related_name="model_calls")
     device = models.ForeignKey(

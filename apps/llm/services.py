@@ -173,6 +173,51 @@ def model_calls_record(*, records: list[CallRecord]) -> list[ModelCall]:
     return stored
 
 
+def group_calls_charge(*, group_id: int, usage: list[dict], task_id: int | None = None) -> None:
+    """Charge model calls Claw made itself for a group (planning a goal, turning a document
+    into a skill) to the group's token budget, as its agents' calls are: ModelCall rows
+    without a device, the counter, `llm.call` events, the 80 % and 100 % alerts. `usage`
+    is complete_validated's, one entry per call."""
+    if not usage:
+        return
+    now = timezone.now()
+    model_calls_record(
+        records=[
+            CallRecord(
+                group_id=group_id,
+                device_id=None,
+                task_id=task_id,
+                model=settings.CLAW_LLM_MODEL,
+                stream=True,
+                status=ModelCallStatus.OK,
+                http_status=200,
+                prompt_tokens=int(used.get("prompt_tokens") or 0),
+                completion_tokens=int(used.get("completion_tokens") or 0),
+                latency_ms=int(used.get("latency_ms") or 0),
+                created_at=now,
+            )
+            for used in usage
+        ]
+    )
+
+
+def budget_exhausted_message(used: int, budget: int) -> str:
+    return (
+        f"The group's model token budget is used up ({used:,} of {budget:,} tokens). The "
+        "group's owners were asked to raise it (a budget checkpoint)."
+    )
+
+
+def group_budget_refusal(*, group_id: int) -> str:
+    """ "" while the group may call the model; else why not (and the owners were asked to
+    raise the budget): for Claw's own calls, which the gateway does not see."""
+    used, budget = Group.objects.values_list("llm_tokens_used", "llm_token_budget").get(id=group_id)
+    if budget is None or used < budget:
+        return ""
+    budget_exhausted_refuse(group_id=group_id)
+    return budget_exhausted_message(used, budget)
+
+
 def _budget_asked(group_id: int) -> bool:
     """A budget checkpoint is pending, or humans refused one lately."""
     quiet_since = timezone.now() - REFUSED_BUDGET_QUIET
