@@ -288,6 +288,52 @@ def test_a_rejected_checkpoint_fails_the_attempt(llm, tmp_path):
     assert fail["error"] == "checkpoint rejected: No." and fail["retryable"] is False
 
 
+class Waiting(Session):
+    """A session whose decisions never come: the agent is killed while it waits."""
+
+    async def wait_decision(self, checkpoint_id):
+        self.waiting = checkpoint_id
+        raise SystemExit  # kill -9: nothing after this runs, the journal stays as it was
+
+
+def restarted_while_waiting(llm, tmp_path) -> tuple[Journal, int]:
+    llm.script({"tool_calls": [call("request_checkpoint", {"title": "Send it?"})]})
+    journal = Journal(tmp_path / "state", 5)
+    waiting = Waiting()
+    with pytest.raises(SystemExit):
+        run(llm, waiting, tmp_path, journal=journal)
+    llm.reset()
+    return journal, waiting.waiting
+
+
+def test_a_restart_while_waiting_waits_for_the_same_checkpoint_and_tells_the_model(llm, tmp_path):
+    journal, checkpoint_id = restarted_while_waiting(llm, tmp_path)
+    llm.script(DONE)
+    session = Session(decisions=[("changes_requested", "Say it louder.")])
+
+    assert run(llm, session, tmp_path, journal=journal) == "succeeded"
+
+    # No second checkpoint: the decision on the first one reached the new conversation.
+    assert session.of("checkpoint_request") == [] and session.confirmed == [checkpoint_id]
+    [sent] = llm.requests()
+    prompt = sent["messages"][1]["content"]
+    assert "'Send it?'" in prompt and f"checkpoint {checkpoint_id}" in prompt
+    assert "changes_requested, with the note: Say it louder." in prompt
+    [resumed, *_] = session.of("progress")
+    assert resumed["data"]["resumed_checkpoint"]["status"] == "changes_requested"
+
+
+def test_a_checkpoint_rejected_while_the_agent_was_down_fails_without_the_model(llm, tmp_path):
+    journal, checkpoint_id = restarted_while_waiting(llm, tmp_path)
+    session = Session(decisions=[("rejected", "No.")])
+
+    assert run(llm, session, tmp_path, journal=journal) == "failed"
+
+    assert llm.requests() == [] and session.confirmed == [checkpoint_id]
+    [fail] = session.of("fail")
+    assert fail["error"] == "checkpoint rejected: No."
+
+
 def test_review_feedback_is_in_the_prompt(llm, tmp_path):
     llm.script(DONE)
 

@@ -31,7 +31,10 @@ the API key, `X-Claw-Attempt` / `X-Claw-Epoch` on every request — with the `op
 * The task's review feedback (TaskSpec.feedback) is part of the prompt, and the group's
   skills for its toolkits (TaskSpec.skills) are part of the system prompt, under "# Skills".
 * An attempt resumed after the agent restarted starts its conversation again (the journal
-  keeps only the progress numbering); tools are at-least-once, as with explicit steps.
+  keeps the progress numbering and a checkpoint it was waiting on); tools are
+  at-least-once, as with explicit steps. A restart while waiting for a decision waits for
+  that same checkpoint, and the new conversation starts with its decision, so the model
+  does not ask the humans the same thing twice.
 * Model errors: HTTP 402/408/425/429/5xx and connection failures fail the attempt as
   retryable, other refusals (a bad key, a stale attempt at the gateway) as not.
 
@@ -466,7 +469,35 @@ class LLMLoop:
 
     # --- running -------------------------------------------------------------------------
 
+    async def _resume_checkpoint(self) -> Outcome | None:
+        """The agent restarted while this attempt waited for a decision: wait for that same
+        checkpoint (its decision comes with the welcome, or when people make it) instead of
+        letting the new conversation ask again, and tell the model what was decided."""
+        pending = self.state.get("checkpoint")
+        if not pending:
+            return None
+        output, ending = await self._decision(pending["id"])
+        await self._progress("log", {"resumed_checkpoint": output})
+        await self.runner.session.confirm_decision(pending["id"])
+        if ending is not None:
+            return await ending()
+        asked = pending.get("title") or f"checkpoint {pending['id']}"
+        told = f"Their decision: {output['status']}"
+        if output["note"]:
+            told += f", with the note: {output['note']}"
+        if "instruction" in output:
+            told += f". {output['instruction']}"
+        self.messages[1]["content"] += (
+            f"\n\nBefore a restart of this agent you asked the humans for a decision on "
+            f"{asked!r} (checkpoint {pending['id']}). {told}. Do not ask that again; go on "
+            "from there."
+        )
+        return None
+
     async def run(self) -> str:
+        resumed = await self._resume_checkpoint()
+        if resumed is not None:
+            return resumed.status
         nudged = False
         while True:
             if self.turn >= self.settings.max_turns:
@@ -630,10 +661,13 @@ class LLMLoop:
             options=[clean(option)[:100] for option in options[:10]],
         )
         checkpoint_id = answer["checkpoint_id"]
-        self.state["checkpoint"] = {"index": -1, "id": checkpoint_id}
+        self.state["checkpoint"] = {"index": -1, "id": checkpoint_id, "title": title.strip()}
         self.runner.journal.save(self.state)
+        return await self._decision(checkpoint_id)
+
+    async def _decision(self, checkpoint_id: int) -> tuple[dict, Ending | None]:
         self._log("waiting for a decision on checkpoint %s", checkpoint_id)
-        decision = await session.wait_decision(checkpoint_id)
+        decision = await self.runner.session.wait_decision(checkpoint_id)
         self.state["checkpoint"] = None
         self._log("checkpoint %s: %s", checkpoint_id, decision.status)
         output = {"checkpoint_id": checkpoint_id, "status": decision.status, "note": decision.note}
