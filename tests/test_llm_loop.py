@@ -201,6 +201,46 @@ def test_malformed_arguments_and_unknown_tools_come_back_as_errors(llm, tmp_path
     assert oks == [False, False, True, True]
 
 
+def test_bad_platform_tool_arguments_come_back_as_errors_and_change_nothing(llm, tmp_path):
+    bad = [
+        call("report_done", {}),
+        call("report_done", {"result": 5}),
+        call("report_failure", {"error": "  "}),
+        call("request_checkpoint", {"title": "Ship?", "options": [1, 2]}),
+        call("request_checkpoint", {"options": ["yes"]}),
+        call("write_artifact", {"name": "", "content": "x"}),
+        call("write_artifact", {"name": "n" * 201, "content": "x"}),
+        call("write_artifact", {"name": "notes.md", "content": {"not": "text"}}),
+    ]
+    llm.script({"tool_calls": bad}, DONE)
+    session = Session()
+
+    # No server answers on port 9: an artifact call that got past validation would fail
+    # differently ("the upload failed").
+    assert run(llm, session, tmp_path, server="http://127.0.0.1:9", token="clawd_x") == (
+        "succeeded"
+    )
+    errors = [
+        json.loads(m["content"])["error"]
+        for m in llm.requests()[1]["messages"]
+        if m["role"] == "tool"
+    ]
+    assert errors == [
+        "report_done needs result: a non-empty string",
+        "report_done needs result: a non-empty string",
+        "report_failure needs error: a non-empty string",
+        "options must be a list of strings",
+        "request_checkpoint needs title: a non-empty string",
+        "name must be a string of 1 to 200 characters",
+        "name must be a string of 1 to 200 characters",
+        "content must be a string",
+    ]
+    # Nothing reached the server but the progress and the one real report.
+    assert {kind for kind, _ in session.frames} == {"accept", "progress", "complete"}
+    [complete] = session.of("complete")
+    assert complete["result"]["result"] == "hello.txt says hello"
+
+
 def test_a_failing_tool_is_reported_to_the_model_not_the_server(llm, tmp_path):
     llm.script({"tool_calls": [call("shell__run", {"cmd": "exit 3"})]}, DONE)
     session = Session()
