@@ -20,3 +20,10 @@ def test_complete_lose_and_fail_racing_on_one_attempt_leave_one_outcome():
     print(report.summary())
     assert report.anomalies == []
     assert report.outcomes["won"] == 300
+
+
+def test_dependencies_succeeding_at_once_release_their_dependent_exactly_once():
+    report = run_races(races=150, workers=2, kind="siblings")
+    print(report.summary())
+    assert report.anomalies == []
+    assert report.outcomes["won"] == 300

@@ -440,9 +440,16 @@ def _release_dependents(task_id: int) -> tuple[list[int], list[Task]]:
     succeeded: those that become ready (their ids), and the before_start ones that must
     first ask a human (the caller raises their checkpoints after its own events)."""
     released, to_ask = [], []
-    for dependent in Task.objects.filter(
-        dependency_links__depends_on_id=task_id, status=TaskStatus.WAITING
-    ).select_related("group"):
+    # Locked first: when two dependencies of one task succeed at once, each transaction
+    # would otherwise see the other still running and neither release it. The second now
+    # waits here for the first to commit, then reads both as succeeded.
+    dependents = (
+        Task.objects.filter(dependency_links__depends_on_id=task_id, status=TaskStatus.WAITING)
+        .select_related("group")
+        .select_for_update(of=("self",), no_key=True)
+        .order_by("id")
+    )
+    for dependent in dependents:
         statuses = dependent.dependencies.values_list("status", flat=True)
         if _status_from_dependencies(statuses) != TaskStatus.READY:
             continue

@@ -4,8 +4,13 @@ Two kinds of race, each repeated many times:
 - assign: every process offers the same ready task to its own agent (task_assign);
 - finish: one running attempt is completed by its agent, declared lost by the sweeper and
   failed by a stale retry, all at once (attempt_complete / attempt_lose / attempt_fail).
-Exactly one may win each race; the others must get a domain error (or the sweeper's no-op),
-and the database must show one attempt per task, one final state, gap-free event numbers.
+  Exactly one may win each race; the others must get a domain error (or the sweeper's
+  no-op), and the database must show one attempt per task, one final state, gap-free
+  event numbers.
+- siblings: the dependencies of one waiting task all succeed at once, one per process
+  (attempt_complete): every completion wins, and the dependent must become ready exactly
+  once (neither stuck waiting because each saw the other still running, nor released
+  twice).
 
 Used by tests/test_concurrency.py (CI size) and by `make bench` (bigger, with timings):
     python -m tests.bench.concurrency --races 5000 --workers 4
@@ -74,7 +79,9 @@ def _setup(races: int, workers: int, kind: str) -> dict:
         [Task(group=group, title=f"t{i}", max_attempts=3, status="ready") for i in range(races)]
     )
     Task.objects.filter(group=group).update(root_id=F("id"))
-    attempts = []
+    attempts: list = []
+    if kind == "siblings":
+        return _setup_siblings(group, tasks, agents)
     if kind == "finish":
         agent = Agent.objects.get(id=agents[0])
         for task in tasks:
@@ -88,6 +95,37 @@ def _setup(races: int, workers: int, kind: str) -> dict:
         "group_id": group.id,
         "agents": agents,
         "tasks": [t.id for t in tasks],
+        "attempts": attempts,
+    }
+
+
+def _setup_siblings(group, dependents, agents: list[int]) -> dict:
+    """Each race's task waits on one running dependency per process."""
+    from apps.devices.models import Agent, Device
+    from apps.tasks.models import Task, TaskDependency
+    from apps.tasks.services import attempt_accept, task_assign
+
+    Task.objects.filter(group=group).update(status="waiting")
+    attempts = []
+    for dependent in dependents:
+        row = []
+        for agent_id in agents:
+            dependency = Task.objects.create(
+                group=group, title="dependency", status="ready", max_attempts=3
+            )
+            Task.objects.filter(id=dependency.id).update(root_id=dependency.id)
+            TaskDependency.objects.create(task=dependent, depends_on=dependency)
+            attempt = task_assign(task_id=dependency.id, agent_id=agent_id)
+            agent = Agent.objects.get(id=agent_id)
+            attempt_accept(attempt_id=attempt.id, agent=agent, epoch=attempt.epoch)
+            row.append(attempt.id)
+        attempts.append(row)
+    # No agent takes the released task: it must stay ready for the check.
+    Device.objects.filter(group=group).update(draining=True)
+    return {
+        "group_id": group.id,
+        "agents": agents,
+        "tasks": [t.id for t in dependents],
         "attempts": attempts,
     }
 
@@ -109,6 +147,10 @@ def _worker(index: int, kind: str, plan: dict, barrier, results) -> None:
         try:
             if kind == "assign":
                 task_assign(task_id=task_id, agent_id=agent.id)
+                outcomes.append((race, "won"))
+            elif kind == "siblings":
+                attempt_id = plan["attempts"][race][index]
+                attempt_complete(attempt_id=attempt_id, agent=agent, epoch=1, result=index)
                 outcomes.append((race, "won"))
             else:
                 attempt_id = plan["attempts"][race]
@@ -139,7 +181,7 @@ def _check(kind: str, plan: dict, per_race: dict[int, list[str]]) -> list[str]:
     anomalies = []
     for race, outcomes in per_race.items():
         winners = outcomes.count("won")
-        if winners != 1:
+        if winners != (len(outcomes) if kind == "siblings" else 1):
             anomalies.append(f"race {race}: {winners} winners {outcomes}")
         for outcome in outcomes:
             if outcome.startswith("crash"):
@@ -153,6 +195,8 @@ def _check(kind: str, plan: dict, per_race: dict[int, list[str]]) -> list[str]:
             task__group_id=plan["group_id"], status__in=["offered", "running"]
         ).values_list("task_id", flat=True)
     )
+    if kind == "siblings":
+        return anomalies + _check_siblings(plan, tasks)
     for task_id in plan["tasks"]:
         task = tasks[task_id]
         if attempts[task_id] != 1:
@@ -172,6 +216,28 @@ def _check(kind: str, plan: dict, per_race: dict[int, list[str]]) -> list[str]:
     )
     if seqs != list(range(1, len(seqs) + 1)):
         anomalies.append("event sequence has gaps or duplicates")
+    return anomalies
+
+
+def _check_siblings(plan: dict, tasks: dict) -> list[str]:
+    from apps.events.models import Event
+
+    anomalies = []
+    released = Counter(
+        Event.objects.filter(group_id=plan["group_id"], kind="task.ready").values_list(
+            "task_id", flat=True
+        )
+    )
+    for task_id in plan["tasks"]:
+        if tasks[task_id].status != "ready" or released[task_id] != 1:
+            anomalies.append(
+                f"task {task_id}: {tasks[task_id].status}, released {released[task_id]} times"
+            )
+    unfinished = [
+        t.id for t in tasks.values() if t.id not in plan["tasks"] and t.status != "succeeded"
+    ]
+    if unfinished:
+        anomalies.append(f"dependencies not succeeded: {unfinished[:10]}")
     return anomalies
 
 
@@ -232,7 +298,7 @@ def main() -> None:
     args = parser.parse_args()
     _bench_database()
     reports = {}
-    for kind in ("assign", "finish"):
+    for kind in ("assign", "finish", "siblings"):
         reports[kind] = report = run_races(races=args.races, workers=args.workers, kind=kind)
         print(report.summary())
         for anomaly in report.anomalies[:20]:
