@@ -27,3 +27,10 @@ def test_dependencies_succeeding_at_once_release_their_dependent_exactly_once():
     print(report.summary())
     assert report.anomalies == []
     assert report.outcomes["won"] == 300
+
+
+def test_a_task_created_as_its_dependency_succeeds_ends_up_ready():
+    report = run_races(races=150, workers=2, kind="create")
+    print(report.summary())
+    assert report.anomalies == []
+    assert report.outcomes["won"] == 300

@@ -191,7 +191,14 @@ def task_create(
             parent = Task.objects.filter(id=parent_id, group=group).first()
             if parent is None:
                 raise InvalidInput(f"Parent task {parent_id} is not in this group.")
-        deps = dict(Task.objects.filter(id__in=dep_ids, group=group).values_list("id", "status"))
+        # Locked, like a dependent in _release_dependents: a dependency succeeding meanwhile
+        # could not see this uncommitted task, and it would wait for ever.
+        deps = dict(
+            Task.objects.filter(id__in=dep_ids, group=group)
+            .select_for_update(no_key=True)
+            .order_by("id")
+            .values_list("id", "status")
+        )
         missing = [dep for dep in dep_ids if dep not in deps]
         if missing:
             raise InvalidInput(
@@ -276,7 +283,11 @@ def task_dependency_add(*, actor: AbstractBaseUser, task: Task, depends_on: Task
                 TaskDependency.objects.create(task=current, depends_on=depends_on)
         except IntegrityError:
             raise InvalidTransition("That dependency already exists.", code="duplicate") from None
-        statuses = list(current.dependencies.values_list("status", flat=True))
+        statuses = list(
+            current.dependencies.select_for_update(of=("self",), no_key=True)
+            .order_by("id")
+            .values_list("status", flat=True)
+        )
         new_status = _readiness(current, statuses)
         Task.objects.filter(id=task.id, status=current.status).update(status=new_status)
         event_append(

@@ -11,6 +11,8 @@ Two kinds of race, each repeated many times:
   (attempt_complete): every completion wins, and the dependent must become ready exactly
   once (neither stuck waiting because each saw the other still running, nor released
   twice).
+- create: one process completes a running task while another creates a task that depends
+  on it: the new task must end up ready, released at most once.
 
 Used by tests/test_concurrency.py (CI size) and by `make bench` (bigger, with timings):
     python -m tests.bench.concurrency --races 5000 --workers 4
@@ -82,6 +84,8 @@ def _setup(races: int, workers: int, kind: str) -> dict:
     attempts: list = []
     if kind == "siblings":
         return _setup_siblings(group, tasks, agents)
+    if kind == "create":
+        return _setup_create(group, tasks, agents)
     if kind == "finish":
         agent = Agent.objects.get(id=agents[0])
         for task in tasks:
@@ -130,16 +134,42 @@ def _setup_siblings(group, dependents, agents: list[int]) -> dict:
     }
 
 
+def _setup_create(group, tasks, agents: list[int]) -> dict:
+    """Each race's task is running on the first agent."""
+    from apps.devices.models import Agent, Device
+    from apps.tasks.services import attempt_accept, task_assign
+
+    agent = Agent.objects.get(id=agents[0])
+    attempts = []
+    for task in tasks:
+        attempt = task_assign(task_id=task.id, agent_id=agent.id)
+        attempt_accept(attempt_id=attempt.id, agent=agent, epoch=attempt.epoch)
+        attempts.append(attempt.id)
+    Device.objects.filter(group=group).update(draining=True)
+    return {
+        "group_id": group.id,
+        "agents": agents,
+        "tasks": [t.id for t in tasks],
+        "attempts": attempts,
+    }
+
+
 def _worker(index: int, kind: str, plan: dict, barrier, results) -> None:
     from django.db import connections
 
     connections.close_all()  # never share the parent's socket
     from apps.devices.models import Agent
-    from apps.tasks.services import attempt_complete, attempt_fail, attempt_lose, task_assign
+    from apps.tasks.services import (
+        attempt_complete,
+        attempt_fail,
+        attempt_lose,
+        task_assign,
+        task_create,
+    )
     from claw.errors import DomainError
 
     agent = Agent.objects.select_related("group").get(
-        id=plan["agents"][0 if kind == "finish" else index]
+        id=plan["agents"][0 if kind in ("finish", "create") else index]
     )
     outcomes = []
     for race, task_id in enumerate(plan["tasks"]):
@@ -147,6 +177,14 @@ def _worker(index: int, kind: str, plan: dict, barrier, results) -> None:
         try:
             if kind == "assign":
                 task_assign(task_id=task_id, agent_id=agent.id)
+                outcomes.append((race, "won"))
+            elif kind == "create":
+                if index == 0:
+                    attempt_complete(
+                        attempt_id=plan["attempts"][race], agent=agent, epoch=1, result=0
+                    )
+                else:
+                    task_create(group=agent.group, agent=agent, title="next", depends_on=[task_id])
                 outcomes.append((race, "won"))
             elif kind == "siblings":
                 attempt_id = plan["attempts"][race][index]
@@ -181,7 +219,7 @@ def _check(kind: str, plan: dict, per_race: dict[int, list[str]]) -> list[str]:
     anomalies = []
     for race, outcomes in per_race.items():
         winners = outcomes.count("won")
-        if winners != (len(outcomes) if kind == "siblings" else 1):
+        if winners != (len(outcomes) if kind in ("siblings", "create") else 1):
             anomalies.append(f"race {race}: {winners} winners {outcomes}")
         for outcome in outcomes:
             if outcome.startswith("crash"):
@@ -197,6 +235,8 @@ def _check(kind: str, plan: dict, per_race: dict[int, list[str]]) -> list[str]:
     )
     if kind == "siblings":
         return anomalies + _check_siblings(plan, tasks)
+    if kind == "create":
+        return anomalies + _check_create(plan, tasks)
     for task_id in plan["tasks"]:
         task = tasks[task_id]
         if attempts[task_id] != 1:
@@ -238,6 +278,24 @@ def _check_siblings(plan: dict, tasks: dict) -> list[str]:
     ]
     if unfinished:
         anomalies.append(f"dependencies not succeeded: {unfinished[:10]}")
+    return anomalies
+
+
+def _check_create(plan: dict, tasks: dict) -> list[str]:
+    from apps.events.models import Event
+
+    anomalies = []
+    released = Counter(
+        Event.objects.filter(group_id=plan["group_id"], kind="task.ready").values_list(
+            "task_id", flat=True
+        )
+    )
+    created = [t for t in tasks.values() if t.id not in plan["tasks"]]
+    if len(created) != len(plan["tasks"]):
+        anomalies.append(f"{len(created)} tasks created, not {len(plan['tasks'])}")
+    for task in created:
+        if task.status != "ready" or released[task.id] > 1:
+            anomalies.append(f"task {task.id}: {task.status}, released {released[task.id]} times")
     return anomalies
 
 
@@ -298,7 +356,7 @@ def main() -> None:
     args = parser.parse_args()
     _bench_database()
     reports = {}
-    for kind in ("assign", "finish", "siblings"):
+    for kind in ("assign", "finish", "siblings", "create"):
         reports[kind] = report = run_races(races=args.races, workers=args.workers, kind=kind)
         print(report.summary())
         for anomaly in report.anomalies[:20]:
