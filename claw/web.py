@@ -6,9 +6,14 @@ Twisted's endpoints module loads them at start for TLS endpoints that Claw never
 about 5 MB of every web process's memory, which holds thousands of agent sockets. Here
 OpenSSL is marked unavailable before Daphne starts, which takes Twisted's own no-TLS path.
 To terminate TLS in Daphne itself, run plain `daphne` instead; nothing else differs.
+
+The server is Daphne's, with a leaner queue between each connection and its application
+instance (InputQueue); see there.
 """
 
+import asyncio
 import sys
+from functools import partial
 
 
 def without_tls() -> None:
@@ -16,10 +21,81 @@ def without_tls() -> None:
     sys.modules.setdefault("OpenSSL", None)
 
 
+class InputQueue:
+    """What an application instance reads its connection's messages from: the part of
+    asyncio.Queue that Daphne uses (put_nowait, and get as the ASGI `receive`), kept in two
+    lists. An asyncio.Queue allocates four deques (its items, getters, putters and a join
+    Event's waiters), about 3 KB, and every open socket holds one for its whole life.
+    Unbounded and FIFO; a cancelled get passes a wake-up it received on, as asyncio's does.
+    """
+
+    __slots__ = ("_getters", "_items")
+
+    def __init__(self) -> None:
+        self._items: list = []
+        self._getters: list[asyncio.Future] = []
+
+    def put_nowait(self, item) -> None:
+        self._items.append(item)
+        self._wake_next()
+
+    async def get(self):
+        while not self._items:
+            getter = asyncio.get_running_loop().create_future()
+            self._getters.append(getter)
+            try:
+                await getter
+            except asyncio.CancelledError:
+                if getter in self._getters:
+                    self._getters.remove(getter)
+                if self._items and not getter.cancelled():
+                    self._wake_next()
+                raise
+        return self._items.pop(0)
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def _wake_next(self) -> None:
+        while self._getters:
+            getter = self._getters.pop(0)
+            if not getter.done():
+                getter.set_result(None)
+                return
+
+
+def server_class():
+    """Daphne's Server, creating application instances with an InputQueue. (A function:
+    importing Daphne's server loads Twisted's endpoints, which must follow without_tls.)"""
+    from daphne.server import Server
+
+    class ClawServer(Server):
+        def create_application(self, protocol, scope):
+            # Daphne's own, but for the queue.
+            assert "application_instance" not in self.connections[protocol]
+            input_queue = InputQueue()
+            scope.setdefault("asgi", {"version": "3.0"})
+            application_instance = self.application(
+                scope=scope, receive=input_queue.get, send=partial(self.handle_reply, protocol)
+            )
+            if protocol not in self.connections:
+                return None
+            self.connections[protocol]["application_instance"] = asyncio.ensure_future(
+                application_instance, loop=asyncio.get_event_loop()
+            )
+            return input_queue
+
+    return ClawServer
+
+
 def main() -> None:
     without_tls()
     from daphne.cli import CommandLineInterface
 
+    CommandLineInterface.server_class = server_class()
     CommandLineInterface.entrypoint()
 
 
