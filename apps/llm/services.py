@@ -209,8 +209,8 @@ def budget_exhausted_message(used: int, budget: int) -> str:
 
 
 def group_budget_refusal(*, group_id: int) -> str:
-    """ "" while the group may call the model; else why not (and the owners were asked to
-    raise the budget): for Claw's own calls, which the gateway does not see."""
+    """Why the group may not call the model now, having asked its owners to raise the
+    budget; empty while it may. For Claw's own calls, which the gateway does not see."""
     used, budget = Group.objects.values_list("llm_tokens_used", "llm_token_budget").get(id=group_id)
     if budget is None or used < budget:
         return ""
