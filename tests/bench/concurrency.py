@@ -53,7 +53,6 @@ def _setup(races: int, workers: int, kind: str) -> dict:
     from apps.devices.models import Agent, AgentStatus, Device
     from apps.groups.models import Group
     from apps.tasks.models import Task
-    from apps.tasks.services import attempt_accept, task_assign
 
     group = Group.objects.create(
         name=f"race {kind} {time.time_ns()}", slug=f"race-{time.time_ns()}"
@@ -83,18 +82,15 @@ def _setup(races: int, workers: int, kind: str) -> dict:
     Task.objects.filter(group=group).update(root_id=F("id"))
     attempts: list = []
     if kind == "siblings":
-        return _setup_siblings(group, tasks, agents)
-    if kind == "create":
-        return _setup_create(group, tasks, agents)
-    if kind == "finish":
-        agent = Agent.objects.get(id=agents[0])
-        for task in tasks:
-            attempt = task_assign(task_id=task.id, agent_id=agent.id)
-            attempt_accept(attempt_id=attempt.id, agent=agent, epoch=attempt.epoch)
-            attempts.append(attempt.id)
+        Task.objects.filter(group=group).update(status="waiting")
+        attempts = [[_running_dependency(group, task, a) for a in agents] for task in tasks]
+    elif kind in ("finish", "create"):
+        attempts = [_running(task.id, agents[0]) for task in tasks]
+    if kind != "assign":
         # Ending an attempt matches its agent again at once (request_matching_for_agent):
-        # a drained device takes no new work, so each task keeps its one raced attempt.
-        Device.objects.filter(id=agent.device_id).update(draining=True)
+        # drained devices take no new work, so each raced task keeps the state the race
+        # left it in.
+        Device.objects.filter(group=group).update(draining=True)
     return {
         "group_id": group.id,
         "agents": agents,
@@ -103,55 +99,27 @@ def _setup(races: int, workers: int, kind: str) -> dict:
     }
 
 
-def _setup_siblings(group, dependents, agents: list[int]) -> dict:
-    """Each race's task waits on one running dependency per process."""
-    from apps.devices.models import Agent, Device
+def _running(task_id: int, agent_id: int) -> int:
+    """Assign a ready task to the agent and accept it; the attempt's id."""
+    from apps.devices.models import Agent
+    from apps.tasks.services import attempt_accept, task_assign
+
+    attempt = task_assign(task_id=task_id, agent_id=agent_id)
+    agent = Agent.objects.get(id=agent_id)
+    attempt_accept(attempt_id=attempt.id, agent=agent, epoch=attempt.epoch)
+    return attempt.id
+
+
+def _running_dependency(group, dependent, agent_id: int) -> int:
+    """A new task the dependent waits on, running on the agent; the attempt's id."""
     from apps.tasks.models import Task, TaskDependency
-    from apps.tasks.services import attempt_accept, task_assign
 
-    Task.objects.filter(group=group).update(status="waiting")
-    attempts = []
-    for dependent in dependents:
-        row = []
-        for agent_id in agents:
-            dependency = Task.objects.create(
-                group=group, title="dependency", status="ready", max_attempts=3
-            )
-            Task.objects.filter(id=dependency.id).update(root_id=dependency.id)
-            TaskDependency.objects.create(task=dependent, depends_on=dependency)
-            attempt = task_assign(task_id=dependency.id, agent_id=agent_id)
-            agent = Agent.objects.get(id=agent_id)
-            attempt_accept(attempt_id=attempt.id, agent=agent, epoch=attempt.epoch)
-            row.append(attempt.id)
-        attempts.append(row)
-    # No agent takes the released task: it must stay ready for the check.
-    Device.objects.filter(group=group).update(draining=True)
-    return {
-        "group_id": group.id,
-        "agents": agents,
-        "tasks": [t.id for t in dependents],
-        "attempts": attempts,
-    }
-
-
-def _setup_create(group, tasks, agents: list[int]) -> dict:
-    """Each race's task is running on the first agent."""
-    from apps.devices.models import Agent, Device
-    from apps.tasks.services import attempt_accept, task_assign
-
-    agent = Agent.objects.get(id=agents[0])
-    attempts = []
-    for task in tasks:
-        attempt = task_assign(task_id=task.id, agent_id=agent.id)
-        attempt_accept(attempt_id=attempt.id, agent=agent, epoch=attempt.epoch)
-        attempts.append(attempt.id)
-    Device.objects.filter(group=group).update(draining=True)
-    return {
-        "group_id": group.id,
-        "agents": agents,
-        "tasks": [t.id for t in tasks],
-        "attempts": attempts,
-    }
+    dependency = Task.objects.create(
+        group=group, title="dependency", status="ready", max_attempts=3
+    )
+    Task.objects.filter(id=dependency.id).update(root_id=dependency.id)
+    TaskDependency.objects.create(task=dependent, depends_on=dependency)
+    return _running(dependency.id, agent_id)
 
 
 def _worker(index: int, kind: str, plan: dict, barrier, results) -> None:
@@ -233,11 +201,10 @@ def _check(kind: str, plan: dict, per_race: dict[int, list[str]]) -> list[str]:
             task__group_id=plan["group_id"], status__in=["offered", "running"]
         ).values_list("task_id", flat=True)
     )
-    if kind == "siblings":
-        return anomalies + _check_siblings(plan, tasks)
-    if kind == "create":
-        return anomalies + _check_create(plan, tasks)
-    for task_id in plan["tasks"]:
+    if kind in ("siblings", "create"):
+        anomalies += _check_released(kind, plan, tasks)
+    one_attempt_each = plan["tasks"] if kind in ("assign", "finish") else []
+    for task_id in one_attempt_each:
         task = tasks[task_id]
         if attempts[task_id] != 1:
             anomalies.append(f"task {task_id}: {attempts[task_id]} attempts")
@@ -259,42 +226,30 @@ def _check(kind: str, plan: dict, per_race: dict[int, list[str]]) -> list[str]:
     return anomalies
 
 
-def _check_siblings(plan: dict, tasks: dict) -> list[str]:
+def _check_released(kind: str, plan: dict, tasks: dict) -> list[str]:
+    """siblings: each raced task ready, released exactly once, its dependencies succeeded.
+    create: each created task ready, released at most once (it may have been ready from
+    the start)."""
     from apps.events.models import Event
 
-    anomalies = []
     released = Counter(
         Event.objects.filter(group_id=plan["group_id"], kind="task.ready").values_list(
             "task_id", flat=True
         )
     )
-    for task_id in plan["tasks"]:
-        if tasks[task_id].status != "ready" or released[task_id] != 1:
-            anomalies.append(
-                f"task {task_id}: {tasks[task_id].status}, released {released[task_id]} times"
-            )
-    unfinished = [
-        t.id for t in tasks.values() if t.id not in plan["tasks"] and t.status != "succeeded"
-    ]
-    if unfinished:
-        anomalies.append(f"dependencies not succeeded: {unfinished[:10]}")
-    return anomalies
-
-
-def _check_create(plan: dict, tasks: dict) -> list[str]:
-    from apps.events.models import Event
-
+    raced, others = set(plan["tasks"]), [t for t in tasks.values() if t.id not in plan["tasks"]]
     anomalies = []
-    released = Counter(
-        Event.objects.filter(group_id=plan["group_id"], kind="task.ready").values_list(
-            "task_id", flat=True
-        )
-    )
-    created = [t for t in tasks.values() if t.id not in plan["tasks"]]
-    if len(created) != len(plan["tasks"]):
-        anomalies.append(f"{len(created)} tasks created, not {len(plan['tasks'])}")
-    for task in created:
-        if task.status != "ready" or released[task.id] > 1:
+    if kind == "siblings":
+        checked, most, least = [tasks[i] for i in plan["tasks"]], 1, 1
+        unfinished = [t.id for t in others if t.status != "succeeded"]
+        if unfinished:
+            anomalies.append(f"dependencies not succeeded: {unfinished[:10]}")
+    else:
+        checked, most, least = others, 1, 0
+        if len(others) != len(raced):
+            anomalies.append(f"{len(others)} tasks created, not {len(raced)}")
+    for task in checked:
+        if task.status != "ready" or not least <= released[task.id] <= most:
             anomalies.append(f"task {task.id}: {task.status}, released {released[task.id]} times")
     return anomalies
 
