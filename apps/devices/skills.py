@@ -33,7 +33,7 @@ from apps.devices.models import Agent, SkillSource, SkillStatus, Toolkit, Toolki
 from apps.events.services import event_append
 from apps.groups.models import Group, Role
 from apps.groups.selectors import require_role
-from apps.llm.services import group_budget_refusal, group_calls_charge
+from apps.llm.services import group_complete_validated
 from claw import llm
 from claw.errors import InvalidInput, InvalidTransition, NotFound
 
@@ -466,9 +466,6 @@ def skill_generate(*, skill_id: int) -> str:
     skill = ToolkitSkill.objects.select_related("toolkit").filter(id=skill_id).first()
     if skill is None or skill.status != SkillStatus.PENDING:
         return "skipped"
-    refusal = group_budget_refusal(group_id=skill.group_id)
-    if refusal:
-        return _record(skill, text=None, error=refusal, usage=[])
     toolkit = skill.toolkit
     description = f" ({toolkit.description[:300]})" if toolkit.description else ""
     messages = [
@@ -484,7 +481,8 @@ def skill_generate(*, skill_id: int) -> str:
         },
         {"role": "user", "content": _document_prompt(skill)},
     ]
-    text, error, usage = llm.complete_validated(
+    text, error, usage = group_complete_validated(
+        group_id=skill.group_id,
         messages=messages,
         name="skill",
         schema=skill_schema(),
@@ -492,7 +490,6 @@ def skill_generate(*, skill_id: int) -> str:
         validate=lambda answer: skill_markdown(skill_validate(answer)),
         what="the skill's JSON object",
     )
-    group_calls_charge(group_id=skill.group_id, usage=usage)
     return _record(skill, text=text, error=error, usage=usage)
 
 

@@ -17,6 +17,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
@@ -33,6 +34,7 @@ from apps.groups.selectors import require_role
 from apps.llm.models import Backend, BackendProbe, BackendStatus, ModelCall, ModelCallStatus
 from apps.llm.probe import ProbeResult
 from apps.llm.selectors import HOLDING, backend_state, backend_state_key
+from claw import llm
 from claw.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
@@ -173,7 +175,7 @@ def model_calls_record(*, records: list[CallRecord]) -> list[ModelCall]:
     return stored
 
 
-def group_calls_charge(*, group_id: int, usage: list[dict], task_id: int | None = None) -> None:
+def _charge(*, group_id: int, usage: list[dict], task_id: int | None = None) -> None:
     """Charge model calls Claw made itself for a group (planning a goal, turning a document
     into a skill) to the group's token budget, as its agents' calls are: ModelCall rows
     without a device, the counter, `llm.call` events, the 80 % and 100 % alerts. `usage`
@@ -208,7 +210,7 @@ def budget_exhausted_message(used: int, budget: int) -> str:
     )
 
 
-def group_budget_refusal(*, group_id: int) -> str:
+def _budget_refusal(*, group_id: int) -> str:
     """Why the group may not call the model now, having asked its owners to raise the
     budget; empty while it may. For Claw's own calls, which the gateway does not see."""
     used, budget = Group.objects.values_list("llm_tokens_used", "llm_token_budget").get(id=group_id)
@@ -216,6 +218,20 @@ def group_budget_refusal(*, group_id: int) -> str:
         return ""
     budget_exhausted_refuse(group_id=group_id)
     return budget_exhausted_message(used, budget)
+
+
+def group_complete_validated(
+    *, group_id: int, task_id: int | None = None, **ask
+) -> tuple[Any, str, list[dict]]:
+    """claw.llm.complete_validated for a call Claw makes itself for a group (planning a
+    goal, turning a document into a skill): refused while the group's token budget is used
+    up (the error says so; no model call), and charged to the budget afterwards."""
+    refusal = _budget_refusal(group_id=group_id)
+    if refusal:
+        return None, refusal, []
+    value, error, usage = llm.complete_validated(**ask)
+    _charge(group_id=group_id, usage=usage, task_id=task_id)
+    return value, error, usage
 
 
 def _budget_asked(group_id: int) -> bool:

@@ -42,7 +42,7 @@ from apps.events.models import Event
 from apps.events.services import event_append
 from apps.groups.models import Role
 from apps.groups.selectors import require_role
-from apps.llm.services import group_budget_refusal, group_calls_charge
+from apps.llm.services import group_complete_validated
 from apps.tasks.models import TERMINAL_TASK_STATUSES, Task, TaskStatus
 from claw import llm
 from claw.errors import InvalidInput, InvalidTransition
@@ -400,9 +400,6 @@ def plan_generate(*, task_id: int, request_id: int) -> str:
     request = Event.objects.filter(id=request_id, task_id=task_id).first()
     if task is None or request is None:
         return "skipped"
-    refusal = group_budget_refusal(group_id=task.group_id)
-    if refusal:
-        return _record(task, request_id, proposal=None, error=refusal, usage=[])
     toolkits = planner_toolkits(task.group_id)
     messages = [
         {
@@ -411,7 +408,9 @@ def plan_generate(*, task_id: int, request_id: int) -> str:
         },
         {"role": "user", "content": _goal_prompt(task, request.payload.get("feedback", ""))},
     ]
-    proposal, error, usage = llm.complete_validated(
+    proposal, error, usage = group_complete_validated(
+        group_id=task.group_id,
+        task_id=task.id,
         messages=messages,
         name="plan",
         schema=plan_schema(toolkits),
@@ -419,7 +418,6 @@ def plan_generate(*, task_id: int, request_id: int) -> str:
         validate=lambda answer: plan_validate(answer, toolkits=set(toolkits)),
         what="the plan's JSON object",
     )
-    group_calls_charge(group_id=task.group_id, usage=usage, task_id=task.id)
     return _record(task, request_id, proposal=proposal, error=error, usage=usage)
 
 
