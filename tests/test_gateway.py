@@ -507,6 +507,11 @@ def test_an_unreachable_backend_is_a_502(personas, tmp_path):
         (json.dumps({"messages": HELLO, "model": ""}).encode(), 400, "invalid_model"),
         (json.dumps({"messages": HELLO, "model": 7}).encode(), 400, "invalid_model"),
         (
+            json.dumps({"messages": HELLO, "stream": True, "stream_options": [1]}).encode(),
+            400,
+            "invalid_stream_options",
+        ),
+        (
             json.dumps({"messages": HELLO, "pad": "x" * (5 << 20)}).encode(),
             413,
             "request_too_large",
