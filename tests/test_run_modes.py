@@ -30,10 +30,13 @@ def work_state(env: dict[str, str]) -> str:
     """Tasks, attempts and agents as the services database has them: what a stalled demo
     was waiting for."""
     url = env["CLAW_DATABASE_URL"]
-    runs = [
-        subprocess.run(["psql", url, "-c", query], capture_output=True, text=True)
-        for query in WORK_STATE
-    ]
+    try:
+        runs = [
+            subprocess.run(["psql", url, "-c", query], capture_output=True, text=True)
+            for query in WORK_STATE
+        ]
+    except OSError as exc:  # no psql here: the failure itself must still show
+        return f"(work state not read: {exc})"
     return "\n".join(run.stdout + run.stderr for run in runs)
 
 

@@ -313,33 +313,20 @@ class _Call:
         self.content = json.dumps(body).encode()
         self.prompt_tokens = self.completion_tokens = 0
         self.ttft_ms: int | None = None
-        self._gate = asyncio.get_running_loop().create_future()
 
-    def _open_gate(self, looking_up: asyncio.Task) -> None:
-        if self._gate.done():
-            return
-        if looking_up.cancelled():
-            self._gate.cancel()
-        elif looking_up.exception() is not None:
-            self._gate.set_exception(looking_up.exception())
-            self._gate.exception()  # told through `looking_up`, also if nobody waits here
-        else:
-            self.caller = looking_up.result()
-            self._gate.set_result(None)
-
-    async def _held_body(self):
+    async def _held_body(self, looking_up: asyncio.Task):
         yield self.content[:-1]
-        await self._gate
+        self.caller = await looking_up  # a refusal raises here, and the request breaks off
         yield self.content[-1:]
 
-    async def _post(self) -> httpx.Response:
+    async def _post(self, looking_up: asyncio.Task) -> httpx.Response:
         # The SDK's plain `post` with the JSON as it will be sent: `chat.completions.create`
         # would rebuild every message through its typed parameters first, a third of the
         # gateway's CPU per call, to send the same bytes. The answer comes back unread.
         return await _backend().post(
             "/chat/completions",
             cast_to=httpx.Response,
-            content=self._held_body(),
+            content=self._held_body(looking_up),
             options={"headers": {"Content-Length": str(len(self.content))}},
             stream=True,
         )
@@ -347,11 +334,10 @@ class _Call:
     async def answer(self, looking_up: asyncio.Task) -> Response:
         """The backend's answer, or the lookup's refusal (which wins: a stranger hears 401,
         whatever the backend said)."""
-        looking_up.add_done_callback(self._open_gate)
         try:
-            upstream = await self._post()
+            upstream = await self._post(looking_up)
         except (openai.APIError, httpx.HTTPError) as exc:
-            self.caller = await looking_up  # its CallerError, if the gate closed on one
+            self.caller = await looking_up  # its CallerError, if that broke the request off
             if isinstance(exc, openai.APIStatusError) and exc.status_code < 500:
                 return self._passed_on(exc)
             return self._fail(exc)
@@ -360,7 +346,7 @@ class _Call:
                 self.record(status=ModelCallStatus.CANCELLED, http_status=499, code="client_gone")
             raise
         try:
-            # Open already, unless the backend answered before the whole body came.
+            # Known already, unless the backend answered before the whole body came.
             self.caller = await looking_up
         except BaseException:
             await upstream.aclose()
