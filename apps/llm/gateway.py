@@ -9,9 +9,8 @@ for fields it did not set; a stream is relayed event by event as the backend sen
 bytes unchanged (tool calls, reasoning_content, Kimi tool-call ids), and the backend is
 always asked for the usage chunk, which the client gets only if it asked too. Errors are
 OpenAI-style: `{"error": {"message", "type", "param", "code"}}`; a stream that fails after
-it started ends with an SSE `data: {"error": …}` event. Every admitted call is metered
-after it ends (apps.llm.meter); a call refused by the caller lookup is not (see _Call: the
-backend never got all of it).
+it started ends with an SSE `data: {"error": …}` event. Every call that reached the
+backend is metered after it ends (apps.llm.meter).
 
 This is a bare ASGI application (claw.asgi sends /v1/ here), not a Django view: the
 gateway needs no session, CSRF or auth middleware, and Django runs sync middleware on one
@@ -36,9 +35,9 @@ from django.utils import timezone
 
 from apps.llm.meter import METER
 from apps.llm.models import ModelCallStatus
-from apps.llm.selectors import Caller, CallerError, caller_for_token, caller_for_token_on_loop
+from apps.llm.selectors import Caller, CallerError, caller_for_token
 from apps.llm.services import CallRecord, budget_exhausted_message, budget_exhausted_refuse
-from claw import llm, pg
+from claw import llm
 
 logger = logging.getLogger(__name__)
 
@@ -182,25 +181,6 @@ async def _db(fn, **kwargs):
     return await asyncio.get_running_loop().run_in_executor(_DB, _in_db_thread, fn, kwargs)
 
 
-async def _caller(credentials: dict) -> Caller:
-    if pg.reader.available:
-        return await caller_for_token_on_loop(**credentials)
-    return await _db(caller_for_token, **credentials)
-
-
-async def _admitted_caller(credentials: dict) -> Caller:
-    """The caller, if it may make a model call now (else CallerError)."""
-    caller = await _caller(credentials)
-    if caller.budget_exhausted:
-        await _db(budget_exhausted_refuse, group_id=caller.group_id)
-        raise CallerError(
-            429,
-            "budget_exhausted",
-            budget_exhausted_message(caller.llm_tokens_used, caller.llm_token_budget),
-        )
-    return caller
-
-
 # httpcore checks every idle connection of a pool (a syscall each) whenever a request
 # starts, so with one pool of ~100 kept-alive connections each call paid ~100 checks: the
 # gateway spreads its calls round robin over small pools instead.
@@ -239,8 +219,7 @@ def _int_header(request: Request, name: str) -> int | None:
     return number
 
 
-def _credentials(request: Request, *, with_attempt: bool) -> dict:
-    """caller_for_token's arguments from the request's headers."""
+async def _authenticate(request: Request, *, with_attempt: bool) -> Caller:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token.startswith(DEVICE_PREFIX):
@@ -249,7 +228,7 @@ def _credentials(request: Request, *, with_attempt: bool) -> dict:
         )
     attempt_id = _int_header(request, "X-Claw-Attempt") if with_attempt else None
     epoch = _int_header(request, "X-Claw-Epoch") if attempt_id is not None else None
-    return {"raw_token": token, "attempt_id": attempt_id, "epoch": epoch}
+    return await _db(caller_for_token, raw_token=token, attempt_id=attempt_id, epoch=epoch)
 
 
 def _parse_payload(raw: bytes) -> dict:
@@ -290,15 +269,10 @@ def _upstream_error(exc: Exception) -> tuple[int, str, str]:
 
 class _Call:
     """One chat completion on its way through: the backend's answer relayed, its usage and
-    time to first token noted, and a CallRecord for the meter at the end.
+    time to first token noted, and a CallRecord for the meter at the end."""
 
-    The call goes to the backend while the caller lookup runs: all of the request but its
-    body's last byte, which is sent once the caller checks out. A backend reads the whole
-    body before it starts any work, so a refused call costs it a connection that closes
-    mid-body and nothing more, and the lookup adds nothing to the time to first token."""
-
-    def __init__(self, payload: dict) -> None:
-        self.caller: Caller | None = None
+    def __init__(self, caller: Caller, payload: dict) -> None:
+        self.caller = caller
         self.started = time.monotonic()
         self.created_at = timezone.now()
         body = dict(payload)
@@ -310,66 +284,9 @@ class _Call:
         self.wants_usage = bool(self.stream and options.get("include_usage"))
         if self.stream:
             body["stream_options"] = {**options, "include_usage": True}
-        self.content = json.dumps(body).encode()
+        self.body = body
         self.prompt_tokens = self.completion_tokens = 0
         self.ttft_ms: int | None = None
-
-    async def _held_body(self, looking_up: asyncio.Task):
-        yield self.content[:-1]
-        self.caller = await looking_up  # a refusal raises here, and the request breaks off
-        yield self.content[-1:]
-
-    async def _post(self, looking_up: asyncio.Task) -> httpx.Response:
-        # The SDK's plain `post` with the JSON as it will be sent: `chat.completions.create`
-        # would rebuild every message through its typed parameters first, a third of the
-        # gateway's CPU per call, to send the same bytes. The answer comes back unread.
-        return await _backend().post(
-            "/chat/completions",
-            cast_to=httpx.Response,
-            content=self._held_body(looking_up),
-            options={"headers": {"Content-Length": str(len(self.content))}},
-            stream=True,
-        )
-
-    async def answer(self, looking_up: asyncio.Task) -> Response:
-        """The backend's answer, or the lookup's refusal (which wins: a stranger hears 401,
-        whatever the backend said)."""
-        try:
-            upstream = await self._post(looking_up)
-        except (openai.APIError, httpx.HTTPError) as exc:
-            self.caller = await looking_up  # its CallerError, if that broke the request off
-            if isinstance(exc, openai.APIStatusError) and exc.status_code < 500:
-                return self._passed_on(exc)
-            return self._fail(exc)
-        except asyncio.CancelledError:
-            if self.caller is not None:
-                self.record(status=ModelCallStatus.CANCELLED, http_status=499, code="client_gone")
-            raise
-        try:
-            # Known already, unless the backend answered before the whole body came.
-            self.caller = await looking_up
-        except BaseException:
-            await upstream.aclose()
-            raise
-        if not self.stream:
-            return await self._answer(upstream)
-        return Stream(
-            self._relay(upstream),
-            status=upstream.status_code,
-            content_type=upstream.headers.get("content-type", "text/event-stream"),
-        )
-
-    def _passed_on(self, exc: openai.APIStatusError) -> Response:
-        """The backend refused the request itself (too long, bad parameter, its own rate
-        limit): the agent gets the backend's answer as it is."""
-        self.record(
-            status=ModelCallStatus.ERROR,
-            http_status=exc.status_code,
-            code=f"backend_{exc.status_code}",
-            error=str(exc.message)[:500],
-        )
-        content_type = exc.response.headers.get("content-type", "application/json")
-        return Response(exc.response.content, status=exc.status_code, content_type=content_type)
 
     def _ms(self) -> int:
         return round((time.monotonic() - self.started) * 1000)
@@ -406,6 +323,43 @@ class _Call:
         if isinstance(usage, dict):
             self.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             self.completion_tokens = int(usage.get("completion_tokens") or 0)
+
+    async def run(self) -> Response:
+        # The SDK's plain `post` with the JSON as it will be sent: `chat.completions.create`
+        # would rebuild every message through its typed parameters first, a third of the
+        # gateway's CPU per call, to send the same bytes. The answer comes back unread.
+        try:
+            upstream = await _backend().post(
+                "/chat/completions",
+                cast_to=httpx.Response,
+                content=json.dumps(self.body).encode(),
+                stream=True,
+            )
+        except openai.APIStatusError as exc:
+            if exc.status_code >= 500:
+                return self._fail(exc)
+            # The backend refused the request itself (too long, bad parameter, its own
+            # rate limit): the agent gets the backend's answer as it is.
+            self.record(
+                status=ModelCallStatus.ERROR,
+                http_status=exc.status_code,
+                code=f"backend_{exc.status_code}",
+                error=str(exc.message)[:500],
+            )
+            content_type = exc.response.headers.get("content-type", "application/json")
+            return Response(exc.response.content, status=exc.status_code, content_type=content_type)
+        except (openai.APIError, httpx.HTTPError) as exc:
+            return self._fail(exc)
+        except asyncio.CancelledError:
+            self.record(status=ModelCallStatus.CANCELLED, http_status=499, code="client_gone")
+            raise
+        if not self.stream:
+            return await self._answer(upstream)
+        return Stream(
+            self._relay(upstream),
+            status=upstream.status_code,
+            content_type=upstream.headers.get("content-type", "text/event-stream"),
+        )
 
     async def _answer(self, upstream: httpx.Response) -> Response:
         try:
@@ -502,31 +456,27 @@ async def chat_completions(request: Request) -> Response:
     if request.method != "POST":
         return error_response(405, "method_not_allowed", "Use POST.")
     try:
-        credentials = _credentials(request, with_attempt=True)
+        caller = await _authenticate(request, with_attempt=True)
+        payload = _parse_payload(request.raw)
+        if caller.budget_exhausted:
+            await _db(budget_exhausted_refuse, group_id=caller.group_id)
+            raise CallerError(
+                429,
+                "budget_exhausted",
+                budget_exhausted_message(caller.llm_tokens_used, caller.llm_token_budget),
+            )
     except CallerError as exc:
         return error_response(exc.status, exc.code, exc.message)
-    looking_up = asyncio.ensure_future(_admitted_caller(credentials))
-    try:
-        try:
-            payload = _parse_payload(request.raw)
-        except CallerError:
-            await looking_up  # a stranger hears 401 first
-            raise
-        if not llm.configured():
-            await looking_up
-            return _not_configured()
-        return await _Call(payload).answer(looking_up)
-    except CallerError as exc:
-        return error_response(exc.status, exc.code, exc.message)
-    finally:
-        looking_up.cancel()
+    if not llm.configured():
+        return _not_configured()
+    return await _Call(caller, payload).run()
 
 
 async def models(request: Request) -> Response:
     if request.method != "GET":
         return error_response(405, "method_not_allowed", "Use GET.")
     try:
-        await _caller(_credentials(request, with_attempt=False))
+        await _authenticate(request, with_attempt=False)
     except CallerError as exc:
         return error_response(exc.status, exc.code, exc.message)
     if not llm.configured():

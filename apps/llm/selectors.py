@@ -14,7 +14,6 @@ from django.utils import timezone
 
 from apps.llm.models import Backend, BackendProbe, BackendStatus, ModelCall, ModelCallStatus
 from apps.tasks.models import LIVE_ATTEMPT_STATUSES
-from claw import pg
 from claw.tokens import token_hash
 
 logger = logging.getLogger(__name__)
@@ -66,18 +65,6 @@ def caller_for_token(
     with connection.cursor() as cursor:
         cursor.execute(CALLER_SQL, [attempt_id, token_hash(raw_token)])
         row = cursor.fetchone()
-    return _caller(row, attempt_id=attempt_id, epoch=epoch)
-
-
-async def caller_for_token_on_loop(
-    *, raw_token: str, attempt_id: int | None = None, epoch: int | None = None
-) -> Caller:
-    """caller_for_token, read on the event loop (PostgreSQL only: see claw.pg)."""
-    row = await pg.reader.fetchone(CALLER_SQL, [attempt_id, token_hash(raw_token)])
-    return _caller(row, attempt_id=attempt_id, epoch=epoch)
-
-
-def _caller(row: tuple | None, *, attempt_id: int | None, epoch: int | None) -> Caller:
     if row is None:
         raise CallerError(401, "invalid_api_key", "The device token is unknown or revoked.")
     device_id, group_id, budget, used, *attempt = row

@@ -17,6 +17,13 @@ Every call through the gateway is metered; the run checks the ModelCall rows at 
     python -m tests.bench.gateway                       # 50 streams x 4 calls x 2 phases
     python -m tests.bench.gateway --burst               # 50 calls at once, 4 times
     python -m tests.bench.gateway --streams 5 --rounds 1 --phases 1     # smoke size
+
+--db-delay-ms puts a proxy delaying every byte that much each way between the gateways
+and PostgreSQL: a database on another host, as in most deployments.
+
+Before/after a change, in one run: `git worktree add /tmp/base <commit>`, then
+`--baseline /tmp/base` adds a Daphne serving that checkout's code (on this checkout's
+database schema) as the gateway "baseline", measured in the same alternation.
 """
 
 import argparse
@@ -191,6 +198,25 @@ SERVERS = {
 }
 
 
+def baseline_server(checkout: str):
+    """`python -m claw.web` from another checkout (its code first on sys.path)."""
+    start = f"import sys; sys.path.insert(0, {checkout!r}); from claw.web import main; main()"
+    return lambda port: [PYTHON, "-c", start, "-b", "127.0.0.1", "-p", str(port)]
+
+
+@contextlib.contextmanager
+def delayed(database_url: str, delay_ms: float):
+    """The database URL through tests.bench.delay_proxy."""
+    parsed = urllib.parse.urlsplit(database_url)
+    port = free_port()
+    command = [PYTHON, "-m", "tests.bench.delay_proxy", "--listen", str(port)]
+    command += ["--to", f"{parsed.hostname}:{parsed.port or 5432}", "--delay-ms", str(delay_ms)]
+    with running("db-delay", command, child_env()) as proxy:
+        wait_listening(port, 10, proxy)
+        netloc = parsed.netloc.rsplit("@", 1)[0] + "@" if "@" in parsed.netloc else ""
+        yield urllib.parse.urlunsplit(parsed._replace(netloc=f"{netloc}127.0.0.1:{port}"))
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -202,17 +228,23 @@ def run(args: argparse.Namespace) -> int:
     try:
         with dedicated_services("bench_gateway", tmp) as services, contextlib.ExitStack() as stack:
             token = json.loads(manage(services, "shell", "-v", "0", "-c", SETUP))["token"]
+            database_url = services["CLAW_DATABASE_URL"]
+            if args.db_delay_ms:
+                database_url = stack.enter_context(delayed(database_url, args.db_delay_ms))
             env = child_env(
                 DJANGO_SETTINGS_MODULE="claw.settings",
                 CLAW_DEBUG="0",
                 CLAW_LLM_BASE_URL=backend.base_url,
                 CLAW_LLM_API_KEY="bench",
-                **services,
+                **{**services, "CLAW_DATABASE_URL": database_url},
             )
+            servers = {name: SERVERS[name] for name in args.servers.split(",")}
+            if args.baseline:
+                servers["baseline"] = baseline_server(str(Path(args.baseline).resolve()))
             gateways = {}
-            for name in args.servers.split(","):
+            for name, server in servers.items():
                 port = free_port()
-                command = [*SERVERS[name](port), "claw.asgi:application"]
+                command = [*server(port), "claw.asgi:application"]
                 proc = stack.enter_context(running(name, command, env))
                 wait_listening(port, 30, proc)
                 gateways[name] = (f"http://127.0.0.1:{port}/v1", proc.popen.pid)
@@ -302,6 +334,8 @@ def main() -> None:
     parser.add_argument(
         "--burst", action="store_true", help="all streams start together, each round"
     )
+    parser.add_argument("--db-delay-ms", type=float, default=0.0)
+    parser.add_argument("--baseline", help="another checkout, served by Daphne as 'baseline'")
     parser.add_argument("--servers", default="daphne,uvicorn", help="gateway servers to measure")
     sys.exit(run(parser.parse_args()))
 
