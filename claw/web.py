@@ -5,10 +5,11 @@ Daphne depends on `twisted[tls]`, so pyOpenSSL and service_identity are installe
 Twisted's endpoints module loads them at start for TLS endpoints that Claw never opens:
 about 5 MB of every web process's memory, which holds thousands of agent sockets. Here
 OpenSSL is marked unavailable before Daphne starts, which takes Twisted's own no-TLS path.
-To terminate TLS in Daphne itself, run plain `daphne` instead; nothing else differs.
+To terminate TLS in Daphne itself, run plain `daphne` instead: the same server, slower.
 
 The server is Daphne's, with a leaner queue between each connection and its application
-instance (InputQueue); see there.
+instance (InputQueue), on TCP connections that send as soon as they are written to
+(sending_at_once); see there.
 """
 
 import asyncio
@@ -91,8 +92,45 @@ def server_class():
     return ClawServer
 
 
+def sending_at_once() -> None:
+    """Make Twisted's TCP connections send at once what the socket takes, as asyncio's
+    transports do, and buffer only the rest (later writes queue behind it, in order).
+    Twisted's own write buffers everything until the reactor's next turn: for each
+    streamed piece an epoll registration, a turn through Twisted's logging context, the
+    send, and an unregistration. In the gateway benchmark this is 4-13% less CPU per
+    relayed piece."""
+    from twisted.internet import tcp
+
+    class Connection(tcp.Server):
+        def write(self, data: bytes) -> None:
+            if isinstance(data, bytes) and data and self._nothing_pending():
+                try:
+                    sent = self.socket.send(data)
+                except OSError:
+                    # Would block: all of it waits. Anything else: Twisted's own write
+                    # finds the connection lost and closes it as it always does.
+                    sent = 0
+                data = data[sent:]
+            super().write(data)
+
+        def writeSequence(self, iovec) -> None:
+            self.write(b"".join(iovec))
+
+        def _nothing_pending(self) -> bool:
+            return (
+                self.connected
+                and not self.disconnecting
+                and not self._writeDisconnected
+                and not self._tempDataLen
+                and self.offset == len(self.dataBuffer)
+            )
+
+    tcp.Port.transport = Connection
+
+
 def main() -> None:
     without_tls()
+    sending_at_once()
     from daphne.cli import CommandLineInterface
 
     CommandLineInterface.server_class = server_class()

@@ -188,7 +188,7 @@ class Stack:
         web = self._start(
             "daphne",
             [
-                PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port),
+                PYTHON, "-m", "claw.web", "-b", "127.0.0.1", "-p", str(self.port),
                 "claw.asgi:application",
             ],
         )  # fmt: skip

@@ -67,7 +67,7 @@ class Server:
         self.procs: list[Proc] = []
 
     def start(self) -> None:
-        command = [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port)]
+        command = [PYTHON, "-m", "claw.web", "-b", "127.0.0.1", "-p", str(self.port)]
         daphne = Proc("daphne", [*command, "claw.asgi:application"], self.env)
         self.procs.append(daphne)
         wait_listening(self.port, 30, daphne)

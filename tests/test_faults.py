@@ -295,7 +295,7 @@ class Stack:
 
     def start_web(self) -> None:
         command = [
-            PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port),
+            PYTHON, "-m", "claw.web", "-b", "127.0.0.1", "-p", str(self.port),
             "--websocket-max-message-size", str(protocol.MAX_FRAME_BYTES), "claw.asgi:application",
         ]  # fmt: skip
         self.web = self._start("daphne", command, self.env("claw-web"))

@@ -63,8 +63,8 @@ def start_daphne(tmp_path, backend_url: str) -> tuple[Proc, str]:
         CLAW_LLM_CONNECT_TIMEOUT_S="2",
     )
     port = free_port()
-    command = [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "claw.asgi:application"]
-    proc = Proc("daphne", command, env)
+    command = [PYTHON, "-m", "claw.web", "-b", "127.0.0.1", "-p", str(port)]
+    proc = Proc("daphne", [*command, "claw.asgi:application"], env)
     wait_listening(port, 30, proc)
     return proc, f"http://127.0.0.1:{port}"
 

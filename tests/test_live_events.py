@@ -65,7 +65,7 @@ def server(tmp_path_factory):
     with dedicated_services("live", tmp_path_factory.mktemp("live")) as services:
         manage(services, "shell", "-v", "0", "-c", SETUP)
         port = free_port()
-        command = [PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port)]
+        command = [PYTHON, "-m", "claw.web", "-b", "127.0.0.1", "-p", str(port)]
         env = _child_env(DJANGO_SETTINGS_MODULE="claw.settings", **services)
         with running("daphne", [*command, "claw.asgi:application"], env) as daphne:
             _wait_listening(port, 30, daphne)

@@ -494,7 +494,7 @@ class Stack:
 
         celery = [PYTHON, "-m", "celery", "-A", "claw"]
         web = [
-            PYTHON, "-m", "daphne", "-b", "127.0.0.1", "-p", str(self.port),
+            PYTHON, "-m", "claw.web", "-b", "127.0.0.1", "-p", str(self.port),
             "--websocket-max-message-size", str(MAX_FRAME_BYTES),
             "--application-close-timeout", str(APPLICATION_CLOSE_TIMEOUT_S),
             "claw.asgi:application",
