@@ -36,13 +36,16 @@ async def application(scope, receive, send) -> None:
     streaming = asyncio.ensure_future(
         _stream(send, int(query["pieces"]), int(query["size"]), float(query.get("delay", 0)))
     )
-    while not streaming.done():
-        watching = asyncio.ensure_future(receive())
-        await asyncio.wait({streaming, watching}, return_when=asyncio.FIRST_COMPLETED)
-        if watching.done() and watching.result()["type"] == "http.disconnect":
-            gone += 1
-            streaming.cancel()
-        elif not watching.done():
-            watching.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await streaming
+    watching = asyncio.ensure_future(_disconnected(receive))
+    await asyncio.wait({streaming, watching}, return_when=asyncio.FIRST_COMPLETED)
+    if watching.done():
+        gone += 1
+    for task in (streaming, watching):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _disconnected(receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
