@@ -287,6 +287,11 @@ CLAW_ARTIFACT_MAX_BYTES = env_int("CLAW_ARTIFACT_MAX_BYTES", 50 * 1024 * 1024, m
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 
+# GET /metrics (claw.metrics): with a token, `Authorization: Bearer <token>` is required;
+# without one, only unproxied loopback requests are answered. (CLAW_METRICS_DIR, the
+# multiprocess directory, is read by claw.metrics itself, before any metric exists.)
+METRICS_TOKEN = env_str("CLAW_METRICS_TOKEN")
+
 # The model backend (claw.llm): any OpenAI-compatible endpoint, e.g. a self-hosted SGLang
 # serving Kimi K2.6 or Moonshot's API. Empty base URL = no model configured.
 CLAW_LLM_BASE_URL = env_str("CLAW_LLM_BASE_URL")
@@ -319,7 +324,7 @@ if PRODUCTION:
     SECURE_HSTS_PRELOAD = True
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
-    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^metrics$"]
 
 LOGGING = {
     "version": 1,

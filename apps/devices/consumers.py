@@ -35,6 +35,7 @@ from apps.devices.services import (
 )
 from apps.events.broadcast import agent_channel, device_channel, layer_lanes
 from claw import protocol
+from claw.metrics import AGENT_FRAMES
 from claw.protocol import FrameError
 
 logger = logging.getLogger(__name__)
@@ -266,6 +267,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             if self.agent_id is None:
                 await self.close(code=protocol.CLOSE_PROTOCOL)
             return
+        AGENT_FRAMES.labels(type=frame.type).inc()
         if self.agent_id is None and not isinstance(frame, protocol.Hello):
             await self._error(frame.id, "hello_first", "The first frame must be hello.")
             await self.close(code=protocol.CLOSE_PROTOCOL)

@@ -1,5 +1,5 @@
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet
 
 from apps.devices.models import Agent, Device
 from apps.devices.skills import skills_current
@@ -124,3 +124,9 @@ def welcome_frame(
 def _decision_note(checkpoint) -> str:
     last = checkpoint.decisions.order_by("-created_at").first()
     return last.note if last else ""
+
+
+def agent_counts_by_status() -> dict[str, int]:
+    """Agents of all groups by status (one GROUP BY; /metrics)."""
+    rows = Agent.objects.order_by().values_list("status").annotate(n=Count("id"))
+    return dict(rows)

@@ -26,6 +26,7 @@ from apps.llm.selectors import backend_holds_llm
 from apps.tasks.models import LIVE_ATTEMPT_STATUSES, Attempt, AttemptStatus, Task, TaskStatus
 from apps.tasks.services import tasks_assign_many
 from claw.errors import DomainError
+from claw.metrics import MATCH_SECONDS, assignments_observe
 
 logger = logging.getLogger(__name__)
 
@@ -235,6 +236,7 @@ def _recently_declined_by(agent_id: int) -> Exists:
     )
 
 
+@MATCH_SECONDS.time()
 def tasks_match(*, group_id: int, limit: int = 200, agent_id: int | None = None) -> list[int]:
     """Assign the group's ready tasks (highest priority, then oldest first) to the best
     available agents (or only to `agent_id`). Returns the ids of the attempts offered.
@@ -281,6 +283,7 @@ def tasks_match(*, group_id: int, limit: int = 200, agent_id: int | None = None)
             )
         except DomainError:
             return []  # the batch rolled back; its tasks stay ready for the next round
+    assignments_observe(ready=ready, attempts=attempts)
     return [attempt.id for attempt in attempts]
 
 

@@ -36,6 +36,7 @@ from apps.tasks.models import (
     TaskDependency,
     TaskStatus,
 )
+from claw import metrics
 from claw.errors import DomainError, InvalidInput, InvalidTransition, NotFound, StaleAttempt
 
 MAX_STEPS = 200
@@ -819,6 +820,8 @@ def attempt_accept(*, attempt_id: int, agent: Agent, epoch: int) -> Attempt:
             lease_expires_at=lease,
         )
         _cas_task(attempt, TaskStatus.ASSIGNED, status=TaskStatus.RUNNING)
+        waited = (now - attempt.offered_at).total_seconds()
+        transaction.on_commit(lambda: metrics.ACCEPT_SECONDS.observe(waited))
         event_append(
             group_id=attempt.task.group_id,
             kind="task.running",
@@ -945,6 +948,9 @@ def _end_attempt(
     out_of_attempts = used >= task.max_attempts
     next_status = TaskStatus.FAILED if (not retryable or out_of_attempts) else TaskStatus.READY
     not_before = now + retry_backoff(used) if next_status == TaskStatus.READY else None
+    if next_status == TaskStatus.READY:
+        kind = "failed" if outcome == AttemptStatus.FAILED else f"lost_{attempt.status}"
+        transaction.on_commit(metrics.REASSIGNMENTS.labels(kind=kind).inc)
     updated = Task.objects.filter(
         id=attempt.task_id, epoch=attempt.epoch, status__in=LIVE_TASK_STATUSES
     ).update(status=next_status, not_before=not_before)

@@ -4,6 +4,7 @@ from celery import shared_task
 
 from apps.tasks.failover import agents_sweep_silent, attempts_sweep_expired
 from apps.tasks.matching import groups_with_ready_tasks, tasks_match
+from claw.metrics import SWEEP_SECONDS
 
 
 @shared_task(name="claw.match_group", ignore_result=True, acks_late=True)
@@ -18,6 +19,7 @@ def match_all() -> int:
 
 
 @shared_task(name="claw.sweep_leases", ignore_result=True)
+@SWEEP_SECONDS.time()
 def sweep_leases() -> int:
     """Silent agents first (their attempts go at once), then expired leases."""
     return agents_sweep_silent() + attempts_sweep_expired()
