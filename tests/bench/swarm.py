@@ -708,7 +708,8 @@ def print_table(report: dict) -> None:
     rows = [
         ("agents x tasks", f"{report['agents']} x {report['tasks']} ({report['layers']} layers)"),
         ("faults", "on" if report["faults"]["on"] else "off"),
-        ("graph created", f"{report['create_s']:.1f} s ({report['create_per_s']:.1f} tasks/s, "
+        ("graph created", f"{report['created']} tasks in {report['create_s']:.1f} s "
+         f"({report['create_per_s']:.1f} tasks/s, {report['create_retries']} POSTs retried, "
          f"p50 POST {report['create_post_ms']['p50']:.0f} ms)"),
         ("wall time (creation start -> last done)", f"{report['wall_s']:.1f} s"),
         ("tasks/s end to end", f"{report['tasks_per_s']:.1f}"),
