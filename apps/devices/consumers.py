@@ -35,6 +35,7 @@ from apps.devices.services import (
 )
 from apps.events.broadcast import agent_channel, device_channel, layer_lanes
 from claw import protocol
+from claw.errors import pool_timed_out
 from claw.metrics import AGENT_FRAMES
 from claw.protocol import FrameError
 
@@ -47,6 +48,8 @@ logger = logging.getLogger(__name__)
 # The services called here are self-contained (each opens, commits and closes its own
 # work, and no state lives in a thread), so any worker thread of the loop's pool will do.
 # A consumer still awaits its calls one by one: one socket's frames keep their order.
+# Channels closes the thread's connection after each call (CONN_MAX_AGE is 0 with the
+# pool), which hands it back to the process's pool: threads never hold connections.
 db = partial(database_sync_to_async, thread_sensitive=False)
 
 
@@ -62,8 +65,8 @@ def retried_without_health_check(func):
         connection.health_check_done = True
         try:
             return func(**kwargs)
-        except (OperationalError, InterfaceError):
-            if connection.in_atomic_block:
+        except (OperationalError, InterfaceError) as exc:
+            if connection.in_atomic_block or pool_timed_out(exc):
                 raise
             logger.warning("%s failed on its connection; once more", func.__name__, exc_info=True)
             connection.close()
