@@ -412,7 +412,41 @@ def api(base: str, token: str, method: str, path: str, body: dict | None = None,
         return response.status, json.loads(response.read())
 
 
-def create_by_posts(base: str, token: str, slug: str, graph, concurrency: int) -> dict:
+def create_gate(base: str, token: str, slug: str) -> int:
+    """A task every first-layer task depends on, held for approval before it starts: the
+    graph waits behind it while it is created, and approving it releases it all at once,
+    so the execution path is measured apart from creation."""
+    status, body = api(
+        base,
+        token,
+        "POST",
+        f"/api/v1/groups/{slug}/tasks",
+        {"title": "swarm gate", "checkpoint_policy": "before_start"},
+    )
+    assert status == 201, body
+    return body["id"]
+
+
+def open_gate(base: str, token: str, slug: str, gate_id: int) -> None:
+    for _ in range(100):
+        _, page = api(base, token, "GET", f"/api/v1/groups/{slug}/checkpoints?status=pending")
+        mine = [c["id"] for c in page["items"] if c["task_id"] == gate_id]
+        if mine:
+            api(
+                base,
+                token,
+                "POST",
+                f"/api/v1/checkpoints/{mine[0]}/decide",
+                {"verdict": "approve"},
+            )
+            return
+        time.sleep(0.1)
+    raise RuntimeError("the gate task raised no before_start checkpoint")
+
+
+def create_by_posts(
+    base: str, token: str, slug: str, graph, concurrency: int, gate_id: int | None = None
+) -> dict:
     """One POST /api/v1/groups/SLUG/tasks per task, a layer at a time (a task's dependencies
     must exist first), `concurrency` requests at once. A request that fails for a dropped
     connection is retried (the web process behind it may have been killed): it may, rarely,
@@ -420,6 +454,7 @@ def create_by_posts(base: str, token: str, slug: str, graph, concurrency: int) -
     ids: list[list[int]] = []
     latencies: list[float] = []
     retries = 0
+    gate = [gate_id] if gate_id is not None else []
 
     def post(payload: dict) -> int:
         nonlocal retries
@@ -441,7 +476,10 @@ def create_by_posts(base: str, token: str, slug: str, graph, concurrency: int) -
     with ThreadPoolExecutor(concurrency) as pool:
         for n, layer in enumerate(graph):
             payloads = [
-                {"title": f"swarm L{n} #{i}", "depends_on": [ids[n - 1][d] for d in deps]}
+                {
+                    "title": f"swarm L{n} #{i}",
+                    "depends_on": [ids[n - 1][d] for d in deps] if n else gate,
+                }
                 for i, deps in enumerate(layer)
             ]
             ids.append(list(pool.map(post, payloads)))
@@ -812,9 +850,16 @@ def run(args, url: str, workdir: Path) -> dict:
             )
             fault_thread.start()
         log(f"creating {args.tasks} tasks in {len(graph)} layers ({args.create})")
+        gate_id = create_gate(stack.base, token, group.slug) if args.gate else None
         started = time.time()
-        made = CREATORS[args.create](stack.base, token, group.slug, graph, args.create_concurrency)
+        made = CREATORS[args.create](
+            stack.base, token, group.slug, graph, args.create_concurrency, gate_id
+        )
         create_s = time.time() - started
+        if gate_id is not None:
+            open_gate(stack.base, token, group.slug, gate_id)
+            made["ids"].append(gate_id)
+            started = time.time()  # the execution path alone, from the gate's opening
         created.set()
         log(f"created in {create_s:.1f} s; waiting for the swarm")
         deadline = started + args.duration_limit
@@ -898,6 +943,13 @@ def main() -> None:
     parser.add_argument("--progress", action="store_true", help="one progress frame per task")
     parser.add_argument("--create", choices=sorted(CREATORS), default="posts")
     parser.add_argument("--create-concurrency", type=int, default=16)
+    parser.add_argument(
+        "--no-gate",
+        dest="gate",
+        action="store_false",
+        help="run tasks while the graph is created (default: held behind a gate task, "
+        "released at once, and timed from then)",
+    )
     parser.add_argument("--heartbeat-interval", type=int, default=None, help="group policy")
     parser.add_argument("--lease-timeout", type=int, default=None, help="group policy")
     parser.add_argument("--reconnect-grace", type=int, default=None, help="group policy")
