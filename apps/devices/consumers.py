@@ -33,7 +33,8 @@ from apps.devices.services import (
     agent_heartbeat,
     device_authenticate,
 )
-from apps.events.broadcast import agent_channel, device_channel, layer_lanes
+from apps.events.broadcast import agent_channel, device_channel
+from apps.events.layer import LayerTolerant
 from claw import protocol
 from claw.errors import pool_timed_out
 from claw.metrics import AGENT_FRAMES
@@ -194,7 +195,7 @@ def _bearer_token(scope: dict) -> str | None:
     return None
 
 
-class AgentConsumer(AsyncWebsocketConsumer):
+class AgentConsumer(LayerTolerant, AsyncWebsocketConsumer):
     device_id: int | None = None
     agent_id: int | None = None
 
@@ -214,21 +215,17 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.device_id = device.id
         self.bucket = TokenBucket(RATE_PER_S, BURST)
         self.violations = 0
-        await self.channel_layer.group_add(device_channel(device.id), self.channel_name)
+        await self.layer_join(device_channel(device.id))
 
     async def disconnect(self, code: int) -> None:
         # The database first: when thousands of sockets drop at once the channel layer can
         # refuse (Redis pool exhausted), and the agent must still become suspect.
         if self.agent_id is not None:
             await db(agent_connection_closed)(agent_id=self.agent_id, connection=self.channel_name)
-        groups = [device_channel(self.device_id)] if self.device_id is not None else []
-        groups += [agent_channel(self.agent_id)] if self.agent_id is not None else []
-        for group in groups:
-            try:
-                async with layer_lanes():
-                    await self.channel_layer.group_discard(group, self.channel_name)
-            except Exception:  # the membership expires with the layer's group_expiry
-                logger.warning("leaving %s failed", group, exc_info=True)
+        if self.device_id is not None:
+            await self.layer_leave(device_channel(self.device_id))
+        if self.agent_id is not None:
+            await self.layer_leave(agent_channel(self.agent_id))
 
     async def dispatch(self, message: dict) -> None:
         # Channels' dispatch first closes the old database connections of its one shared
@@ -329,12 +326,13 @@ class AgentConsumer(AsyncWebsocketConsumer):
             return
         agent_id = agent.id
         # Another live socket of this agent (a reconnect racing an old connection) steps down.
-        await self.channel_layer.group_send(
+        # (While the layer is down the old one learns it when the layer is back.)
+        await self.layer_send(
             agent_channel(agent_id), {"type": "agent.replaced", "by": self.channel_name}
         )
         self.agent_id, self.group_id = agent_id, agent.group_id
 
-        await self.channel_layer.group_add(agent_channel(agent_id), self.channel_name)
+        await self.layer_join(agent_channel(agent_id))
         welcome = await db(selectors.welcome_frame)(
             agent_id=agent_id,
             re=frame.id,
@@ -382,8 +380,26 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if message["by"] != self.channel_name:
             await self._error(None, "replaced", "A newer connection of this agent took over.")
             self_agent, self.agent_id = self.agent_id, None
-            await self.channel_layer.group_discard(agent_channel(self_agent), self.channel_name)
+            await self.layer_leave(agent_channel(self_agent))
             await self.close(code=protocol.CLOSE_REPLACED)
+
+    async def layer_restored(self) -> None:
+        """Back from a channel-layer outage: what the pushes lost meanwhile would have said
+        is read from the database. Offers are sent again (the runtime ignores one it
+        already has), as are decisions not yet confirmed; a revocation or a newer socket
+        of this agent closes this one."""
+        if self.device_id is None:
+            return
+        missed = await db(retried_without_health_check(selectors.missed_pushes))(
+            device_id=self.device_id, agent_id=self.agent_id, connection=self.channel_name
+        )
+        if missed.revoked:
+            await self.device_revoked({})
+        elif missed.replaced:
+            await self.agent_replaced({"by": None})
+        else:
+            for frame in missed.frames:
+                await self._send(frame)
 
     # --- helpers ---------------------------------------------------------------------------
 
