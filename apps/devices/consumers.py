@@ -11,7 +11,7 @@ import json
 import logging
 import time
 import weakref
-from functools import partial, wraps
+from functools import wraps
 
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
@@ -21,6 +21,7 @@ from django.db import (
     IntegrityError,
     InterfaceError,
     OperationalError,
+    close_old_connections,
     connections,
 )
 
@@ -35,12 +36,14 @@ from apps.devices.services import (
 )
 from apps.events.broadcast import agent_channel, device_channel
 from apps.events.layer import LayerTolerant
+from apps.tasks.matching import agent_matches_deferred
 from claw import protocol
 from claw.errors import pool_timed_out
 from claw.metrics import AGENT_FRAMES
 from claw.protocol import FrameError
 
 logger = logging.getLogger(__name__)
+
 
 # Channels runs database_sync_to_async calls "thread-sensitively" by default: every
 # consumer of the process queues its ORM calls on ONE shared thread, one call at a time, so
@@ -49,9 +52,25 @@ logger = logging.getLogger(__name__)
 # The services called here are self-contained (each opens, commits and closes its own
 # work, and no state lives in a thread), so any worker thread of the loop's pool will do.
 # A consumer still awaits its calls one by one: one socket's frames keep their order.
-# Channels closes the thread's connection after each call (CONN_MAX_AGE is 0 with the
-# pool), which hands it back to the process's pool: threads never hold connections.
-db = partial(database_sync_to_async, thread_sensitive=False)
+def db(func):
+    return database_sync_to_async(_connection_returned(func), thread_sensitive=False)
+
+
+def _connection_returned(func):
+    """The call's connection goes back (to the process's pool: CONN_MAX_AGE is 0 with it)
+    when the call ends, from inside the call's own context. Channels closes old
+    connections around its calls too, but outside the context asgiref runs the function
+    in; a call made as a socket connected and closed at once (a bad token, a bad hello)
+    kept its connection that way, and 20 such sockets emptied a pool."""
+
+    @wraps(func)
+    def run(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        finally:
+            close_old_connections()
+
+    return run
 
 
 def retried_without_health_check(func):
@@ -74,6 +93,23 @@ def retried_without_health_check(func):
             return func(**kwargs)
 
     return run
+
+
+def matches_deferred(func):
+    """Run `func` keeping the agent's own match on commit for later (agent_matches_deferred):
+    returns (its result, the matches to run once the frame is answered)."""
+
+    @wraps(func)
+    def run(**kwargs):
+        with agent_matches_deferred() as matches:
+            return func(**kwargs), matches
+
+    return run
+
+
+def matches_run(*, matches: list) -> None:
+    for match in matches:
+        match()
 
 
 class ProgressBatcher:
@@ -297,10 +333,10 @@ class AgentConsumer(LayerTolerant, AsyncWebsocketConsumer):
                 written = progress_batcher().submit(self.group_id, self.agent_id, frame)
                 await self.send(text_data=json.dumps(await written))
             case _:
-                response = await db(retried_without_health_check(agent_message_once))(
-                    agent_id=self.agent_id, frame=frame
-                )
+                answer = retried_without_health_check(matches_deferred(agent_message_once))
+                response, matches = await db(answer)(agent_id=self.agent_id, frame=frame)
                 await self.send(text_data=json.dumps(response))
+                await self._match(matches)
 
     async def _hello(self, frame: protocol.Hello) -> None:
         if self.agent_id is not None:
@@ -316,7 +352,7 @@ class AgentConsumer(LayerTolerant, AsyncWebsocketConsumer):
             await self.close(code=protocol.CLOSE_PROTOCOL)
             return
         try:
-            agent = await db(agent_connection_opened)(
+            agent, matches = await db(matches_deferred(agent_connection_opened))(
                 device_id=self.device_id, info=frame.agent, connection=self.channel_name
             )
         except Exception as exc:  # a DomainError from validation, or a revoked device
@@ -343,6 +379,7 @@ class AgentConsumer(LayerTolerant, AsyncWebsocketConsumer):
         )
         self.lease_timeout_s = welcome.lease_timeout_s
         await self._send(welcome)
+        await self._match(matches)
 
     # --- pushes from services (channel layer) ----------------------------------------------
 
@@ -402,6 +439,11 @@ class AgentConsumer(LayerTolerant, AsyncWebsocketConsumer):
                 await self._send(frame)
 
     # --- helpers ---------------------------------------------------------------------------
+
+    async def _match(self, matches: list) -> None:
+        """The agent's own match, after its frame was answered (matches_deferred)."""
+        if matches:
+            await db(matches_run)(matches=matches)
 
     async def _send(self, frame: protocol.Frame) -> None:
         await self.send(text_data=frame.model_dump_json())

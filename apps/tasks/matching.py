@@ -7,13 +7,14 @@ under the agents' row locks), so any number of matchers may run at once: a lost 
 skipped, never doubled.
 """
 
-import asyncio
 import json
 import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from channels.db import database_sync_to_async
 from django.db import connection, transaction
 from django.db.models import BooleanField, Count, Exists, F, OuterRef, Q, Subquery
 from django.db.models.expressions import RawSQL
@@ -21,7 +22,6 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from apps.devices.models import Agent, AgentStatus
-from apps.events.broadcast import server_loop
 from apps.llm.selectors import backend_holds_llm
 from apps.tasks.models import LIVE_ATTEMPT_STATUSES, Attempt, AttemptStatus, Task, TaskStatus
 from apps.tasks.services import tasks_assign_many
@@ -287,6 +287,23 @@ def tasks_match(*, group_id: int, limit: int = 200, agent_id: int | None = None)
     return [attempt.id for attempt in attempts]
 
 
+_deferral = threading.local()
+
+
+@contextmanager
+def agent_matches_deferred() -> Iterator[list[Callable[[], None]]]:
+    """Inside it, an agent's own match on commit (request_matching_for_agent) is kept in
+    the list for the caller to run later instead of running at commit. The agent socket
+    answers a frame (complete, fail, decline, hello) first and matches the agent after:
+    the answer never waits for the next offer, and always arrives before it."""
+    deferred: list[Callable[[], None]] = []
+    _deferral.matches = deferred
+    try:
+        yield deferred
+    finally:
+        _deferral.matches = None
+
+
 def request_matching_for_agent(group_id: int, agent_id: int, *, whole_group: bool) -> None:
     """An agent freed capacity (its attempt ended): once this transaction commits, match
     that agent here and now, through the same claim as the matcher, instead of waiting for
@@ -306,16 +323,11 @@ def request_matching_for_agent(group_id: int, agent_id: int, *, whole_group: boo
                 request_matching(group_id)  # outside a transaction: enqueued now
 
     def after_commit() -> None:
-        loop = server_loop()
-        if loop is None:
+        deferred = getattr(_deferral, "matches", None)
+        if deferred is None:
             match_agent()
-            return
-        # In a server's worker thread, answering the agent's own frame (complete, fail,
-        # decline): the answer goes out now and the match runs beside it, so the ack does
-        # not wait for the next offer. The socket handles the offer's push after the ack.
-        asyncio.run_coroutine_threadsafe(
-            database_sync_to_async(match_agent, thread_sensitive=False)(), loop
-        )
+        else:
+            deferred.append(match_agent)
 
     transaction.on_commit(after_commit, robust=True)
     if whole_group:
