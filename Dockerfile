@@ -20,8 +20,8 @@ RUN pip install . \
  && CLAW_PRODUCTION=1 CLAW_ALLOWED_HOSTS=build.invalid \
     CLAW_SECRET_KEY=build-only-not-secret-build-only-not-secret-build-only-not-secret \
     python manage.py collectstatic --noinput --verbosity 0 \
- && mkdir -p /data/media \
- && chown -R claw:claw /app/var /data/media
+ && mkdir -p /data/media /data/metrics \
+ && chown -R claw:claw /app/var /data/media /data/metrics
 
 USER claw
 EXPOSE 8000

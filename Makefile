@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: up test lint format bench clean browser
+.PHONY: up test lint format bench bench-swarm clean browser
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "Claw needs Python 3.11 (set PYTHON=/path/to/python3.11)")'
@@ -55,6 +55,15 @@ test: lint browser
 
 bench: $(VENV)/.dev-installed
 	$(BIN)/python -m tests.bench.concurrency
+
+# Services mode for real (PostgreSQL, its own redis-server, 2 web processes behind a
+# round-robin front, 2 workers, beat) driven by AGENTS protocol agents over a TASKS-task DAG,
+# with faults mid-run; a table on stdout, a JSON report and a PNG plot in var/bench/.
+AGENTS ?= 300
+TASKS ?= 4000
+SWARM_ARGS ?=
+bench-swarm: $(VENV)/.dev-installed
+	$(BIN)/python -m tests.bench.swarm --agents $(AGENTS) --tasks $(TASKS) $(SWARM_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache

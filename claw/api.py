@@ -22,7 +22,7 @@ from apps.groups.api import router as groups_router
 from apps.groups.services import api_token_authenticate
 from apps.tasks.api import artifact_upload_router, artifacts_router
 from apps.tasks.api import router as tasks_router
-from claw.errors import DomainError, Forbidden, NotFound
+from claw.errors import DomainError, Forbidden, NotFound, database_unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +211,12 @@ def on_too_big(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
 
 @api.exception_handler(Exception)
 def on_unexpected(request: HttpRequest, exc: Exception) -> HttpResponse:
+    unavailable = database_unavailable(exc)
+    if unavailable is not None:
+        logger.warning("%s %s: %s: %s", request.method, request.path, unavailable.code, exc)
+        response = on_domain_error(request, unavailable)
+        response["Retry-After"] = str(unavailable.retry_after)
+        return response
     logger.exception("unhandled error in %s %s", request.method, request.path)
     return error_response(
         request, status=500, code="internal_error", message="Something went wrong on our side."

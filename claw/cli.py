@@ -143,6 +143,16 @@ def _service_commands(*, host: str, port: int, concurrency: int) -> dict[str, li
     }
 
 
+def _fresh_metrics_dir(data_dir: Path) -> str:
+    """The children's shared metrics directory (claw.metrics), emptied now, as none of
+    them runs yet: one scrape of any web process then adds up all of this run's counters."""
+    from claw.metrics import metrics_dir_reset
+
+    path = os.environ.get("CLAW_METRICS_DIR") or str(data_dir / "metrics")
+    metrics_dir_reset(path)
+    return path
+
+
 def _supervise(
     commands: dict[str, list[str]], *, banner: str, on_ready=None, before_stop=None
 ) -> int:
@@ -231,6 +241,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             )
         banner = _banner(mode="services", url=url, demo=demo)
         commands = _service_commands(host=args.host, port=args.port, concurrency=args.concurrency)
+        os.environ["CLAW_METRICS_DIR"] = _fresh_metrics_dir(Path(settings.DATA_DIR))
         return _supervise(commands, banner=banner, on_ready=on_ready, before_stop=before_stop)
     finally:
         if agents is not None:

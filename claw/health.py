@@ -1,5 +1,6 @@
 """GET /healthz: the state of every component, as JSON. 200 when all are ok, else 503."""
 
+import asyncio
 import uuid
 from datetime import timedelta
 
@@ -28,6 +29,11 @@ def _database() -> dict:
     return {"engine": connection.vendor}
 
 
+# How long each Redis check may take: a monitor polls /healthz with a timeout of its own,
+# and a Redis that is down must read as down, not as a /healthz that does not answer.
+REDIS_TIMEOUT_S = 1.0
+
+
 async def _layer_roundtrip() -> None:
     layer = get_channel_layer()
     channel = await layer.new_channel()
@@ -39,13 +45,18 @@ async def _layer_roundtrip() -> None:
 
 
 def _channel_layer() -> dict:
-    async_to_sync(_layer_roundtrip)()
+    try:
+        async_to_sync(asyncio.wait_for)(_layer_roundtrip(), REDIS_TIMEOUT_S)
+    except TimeoutError:
+        raise TimeoutError(f"no round trip within {REDIS_TIMEOUT_S}s") from None
     return {"backend": settings.CHANNEL_LAYERS["default"]["BACKEND"].rsplit(".", 1)[-1]}
 
 
 def _broker() -> dict:
-    with celery_app.connection_for_write() as conn:
-        conn.ensure_connection(max_retries=1, timeout=2)
+    # One attempt, no retry: kombu sleeps 2 s before its first retry.
+    timeouts = {"socket_connect_timeout": REDIS_TIMEOUT_S, "socket_timeout": REDIS_TIMEOUT_S}
+    with celery_app.connection_for_write(transport_options=timeouts) as conn:
+        conn.ensure_connection(max_retries=0)
         return {
             "transport": conn.transport_cls if isinstance(conn.transport_cls, str) else "memory"
         }

@@ -49,8 +49,10 @@ def maintenance_lead(holder: str) -> bool:
 def sweep_failures() -> int:
     """Silent agents first (their attempts go at once), then expired leases."""
     from apps.tasks.failover import agents_sweep_silent, attempts_sweep_expired
+    from claw.metrics import SWEEP_SECONDS
 
-    return agents_sweep_silent() + attempts_sweep_expired()
+    with SWEEP_SECONDS.time():
+        return agents_sweep_silent() + attempts_sweep_expired()
 
 
 def match_everything() -> int:

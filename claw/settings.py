@@ -70,6 +70,7 @@ def database_from_url(url: str) -> dict:
         if not parsed.path.strip("/"):
             raise ImproperlyConfigured("CLAW_DATABASE_URL needs a database name")
         options = {k: v[-1] for k, v in parse_qs(parsed.query).items()}
+        pool = database_pool()
         return {
             "ENGINE": "django.db.backends.postgresql",
             "NAME": unquote(parsed.path.lstrip("/")),
@@ -77,15 +78,44 @@ def database_from_url(url: str) -> dict:
             "PASSWORD": unquote(parsed.password or ""),
             "HOST": parsed.hostname or "",
             "PORT": str(parsed.port or ""),
-            "CONN_MAX_AGE": env_int("CLAW_DB_CONN_MAX_AGE", 60),
+            # Pooled connections are handed back after every request or ORM call, so
+            # CONN_MAX_AGE must be 0 (Django refuses a pool with persistent connections).
+            "CONN_MAX_AGE": 0 if pool else env_int("CLAW_DB_CONN_MAX_AGE", 60),
             "CONN_HEALTH_CHECKS": True,
-            "OPTIONS": {"connect_timeout": 5, **options},
+            "OPTIONS": {"connect_timeout": 5, **options, **({"pool": pool} if pool else {})},
         }
     if parsed.scheme == "sqlite":
         return sqlite_database(Path(unquote(parsed.path)))
     raise ImproperlyConfigured(
         f"CLAW_DATABASE_URL must start with postgresql:// or sqlite:///, got {parsed.scheme!r}"
     )
+
+
+def database_pool() -> dict | None:
+    """psycopg's connection pool, per process (CLAW_DB_POOL=0: one connection per thread,
+    kept CLAW_DB_CONN_MAX_AGE seconds). Without it every thread that ever ran an ORM call
+    (the agent sockets' pool threads, the gateway's) kept a connection of its own.
+
+    The defaults keep the services deployment of the load target (2 web processes, 2
+    Celery workers at concurrency 2, 1 beat) at most 2 x 20 + 4 x 1 = 44 connections: a
+    Celery worker process runs one task at a time and Celery closes its pool after each,
+    and beat does not touch the database. A caller that waits CLAW_DB_POOL_TIMEOUT for a
+    free connection gets an OperationalError (PoolTimeout), which the API and pages answer
+    with 503 database_unavailable."""
+    if not env_bool("CLAW_DB_POOL", True):
+        return None
+    min_size = env_int("CLAW_DB_POOL_MIN", 1)
+    max_size = env_int("CLAW_DB_POOL_MAX", 20, minimum=1)
+    if min_size > max_size:
+        raise ImproperlyConfigured(
+            f"CLAW_DB_POOL_MIN ({min_size}) must not exceed CLAW_DB_POOL_MAX ({max_size})"
+        )
+    return {
+        "min_size": min_size,
+        "max_size": max_size,
+        "timeout": env_float("CLAW_DB_POOL_TIMEOUT", 5.0, minimum=0.1),
+        "name": "claw",
+    }
 
 
 def sqlite_database(path: Path) -> dict:
@@ -167,6 +197,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "claw.middleware.DatabaseUnavailableMiddleware",
 ]
 
 ROOT_URLCONF = "claw.urls"
@@ -290,6 +321,11 @@ CLAW_ARTIFACT_MAX_BYTES = env_int("CLAW_ARTIFACT_MAX_BYTES", 50 * 1024 * 1024, m
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 
+# GET /metrics (claw.metrics): with a token, `Authorization: Bearer <token>` is required;
+# without one, only unproxied loopback requests are answered. (CLAW_METRICS_DIR, the
+# multiprocess directory, is read by claw.metrics itself, before any metric exists.)
+METRICS_TOKEN = env_str("CLAW_METRICS_TOKEN")
+
 # The model backend (claw.llm): any OpenAI-compatible endpoint, e.g. a self-hosted SGLang
 # serving Kimi K2.6 or Moonshot's API. Empty base URL = no model configured.
 CLAW_LLM_BASE_URL = env_str("CLAW_LLM_BASE_URL")
@@ -322,7 +358,7 @@ if PRODUCTION:
     SECURE_HSTS_PRELOAD = True
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
-    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^metrics$"]
 
 LOGGING = {
     "version": 1,

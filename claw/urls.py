@@ -4,6 +4,7 @@ from django.urls import include, path
 
 from claw.api import api
 from claw.health import healthz
+from claw.metrics import metrics_view
 from claw.views import home
 
 urlpatterns = [
@@ -11,6 +12,7 @@ urlpatterns = [
     path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("healthz", healthz, name="healthz"),
+    path("metrics", metrics_view, name="metrics"),
     path("admin/", admin.site.urls),
     path("api/v1/", api.urls),
     path("", include("apps.dashboard.urls")),

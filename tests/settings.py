@@ -6,6 +6,9 @@ from tests.services import configure
 SERVICE_SKIPS = configure()
 os.environ.setdefault("CLAW_DATA_DIR", tempfile.mkdtemp(prefix="claw-test-"))
 os.environ.setdefault("CLAW_CHANNEL_PREFIX", f"claw-test-{os.getpid()}")
+# Each run's own multiprocess metrics directory (claw.metrics), as in services mode: a
+# test's subprocess adds to the same scrape. Set before anything imports claw.metrics.
+os.environ["CLAW_METRICS_DIR"] = tempfile.mkdtemp(prefix="claw-test-metrics-")
 
 from claw.settings import *  # noqa: E402, F403
 

@@ -477,3 +477,40 @@ async def test_revoking_the_device_closes_its_socket_within_a_second(personas, d
     await ws.connect()
     assert (await ws.receive_json_from())["code"] == "unauthorized"
     await ws.disconnect()
+
+
+async def test_a_completes_ack_does_not_wait_for_the_agents_next_offer(
+    personas, device, monkeypatch
+):
+    """Completing frees the agent's slot and it is matched again at once, but beside the
+    ack, not before it: complete -> ack stays quick however long matching takes, and the
+    next offer arrives after the ack."""
+    from apps.tasks import matching
+
+    real_match = matching.tasks_match
+
+    def slow_match(**kwargs):
+        import time
+
+        time.sleep(1.5)
+        return real_match(**kwargs)
+
+    async with connected(
+        device.raw_token, hello={**HELLO, "agent": {**HELLO["agent"], "capacity": 1}}
+    ) as ws:
+        _, attempt, _ = await running_attempt(ws, personas)
+        waiting = await new_task(personas, steps=[{"tool": "shell", "args": {"cmd": "next"}}])
+        monkeypatch.setattr(matching, "tasks_match", slow_match)
+        await ws.send_json_to(
+            {
+                "type": "complete",
+                "id": "done",
+                "attempt_id": attempt.id,
+                "epoch": attempt.epoch,
+                "result": {"ok": True},
+            }
+        )
+        ack = await ws.receive_json_from(timeout=1)
+        assert (ack["type"], ack["re"]) == ("ack", "done")
+        assignment = await ws.receive_json_from(timeout=5)
+        assert (assignment["type"], assignment["task"]["id"]) == ("assignment", waiting.id)

@@ -138,7 +138,7 @@ def test_the_existing_services_are_unchanged_apart_from_the_model_settings():
         assert set(app["environment"]) - llm == {
             "CLAW_PRODUCTION", "CLAW_SECRET_KEY", "CLAW_ALLOWED_HOSTS",
             "CLAW_CSRF_TRUSTED_ORIGINS", "CLAW_SECURE_SSL_REDIRECT", "CLAW_DATABASE_URL",
-            "CLAW_REDIS_URL", "CLAW_LOG_LEVEL",
+            "CLAW_REDIS_URL", "CLAW_LOG_LEVEL", "CLAW_METRICS_DIR", "CLAW_METRICS_TOKEN",
         }  # fmt: skip
         # Claw starts without the gpu profile: nothing waits for sglang.
         assert "sglang" not in app.get("depends_on", {})

@@ -324,3 +324,38 @@ def test_server_frames_with_fields_from_a_newer_server_still_parse():
     with pytest.raises(protocol.FrameError) as caught:  # agent frames stay exact
         protocol.parse_client_frame(json.dumps({"type": "heartbeat", "id": "x", "extra": 1}))
     assert caught.value.code == "invalid"
+
+
+async def test_the_next_offer_right_behind_a_completes_ack_is_accepted(tmp_path):
+    """The server frees the slot when it acks a complete and may offer the next task in
+    the very next frame: an agent of capacity 1 takes it, it does not decline "busy"."""
+    first = assignment(1, [{"tool": "shell", "args": {"cmd": "true"}}])
+    second = assignment(2, [{"tool": "shell", "args": {"cmd": "true"}}])
+
+    async def script(ws, index, frames):
+        await ws.send(welcome(frames[0]["id"]))
+        await ws.send(first.model_dump_json())
+        async for text in ws:
+            frame = json.loads(text)
+            frames.append(frame)
+            if frame["type"] == "complete" and frame["attempt_id"] == 1:
+                await ws.send(ack(frame))  # the ack, then the offer at once
+                await ws.send(second.model_dump_json())
+            else:
+                await ws.send(ack(frame))
+
+    server = FakeServer(script)
+    async with serve(server.handler, "127.0.0.1", 0) as ws_server:
+        client = make_client(ws_server.sockets[0].getsockname()[1], tmp_path, capacity=1)
+        running = asyncio.create_task(client.run(handle_signals=False))
+        await wait_until(
+            lambda: any(
+                f["type"] in ("complete", "decline") and f.get("attempt_id") == 2
+                for f in server.all_frames()
+            )
+        )
+        client.stop()
+        assert await asyncio.wait_for(running, 5) == 0
+    kinds = [(f["type"], f.get("attempt_id")) for f in server.all_frames()]
+    assert ("decline", 2) not in kinds
+    assert ("accept", 2) in kinds and ("complete", 2) in kinds

@@ -211,6 +211,78 @@ def test_finishing_an_attempt_counts_per_toolkit(personas):
     assert (agent.succeeded_count, agent.failed_count) == (1, 1)
 
 
+def test_offers_that_lapse_do_not_use_up_the_task(personas):
+    """Under load offers can lapse with no agent failing: each one hands the task back, and
+    the task is still there to run when an agent finally accepts (max_attempts is 2)."""
+    task = create(personas, max_attempts=2)
+    for lapse in range(1, 5):
+        with later(lapse * 40):
+            offered = tasks_match(group_id=personas.group.id)
+            assert len(offered) == 1, f"offer {lapse} was not made"
+        with later(lapse * 40 + 35):
+            assert attempts_sweep_expired() == 1
+        task.refresh_from_db()
+        assert task.status == TaskStatus.READY, f"after lapse {lapse}"
+    with later(200):
+        [attempt_id] = tasks_match(group_id=personas.group.id)
+        attempt = Attempt.objects.get(id=attempt_id)
+        attempt_accept(attempt_id=attempt_id, agent=personas.agent, epoch=attempt.epoch)
+        attempt_complete(attempt_id=attempt_id, agent=personas.agent, epoch=attempt.epoch, result=1)
+    task.refresh_from_db()
+    assert task.status == TaskStatus.SUCCEEDED
+    assert Checkpoint.objects.filter(task=task).count() == 0  # no "out of attempts" alarm
+
+
+def test_work_that_started_and_was_lost_still_counts_against_max_attempts(personas):
+    task = create(personas, max_attempts=2)
+    for lost in range(2):
+        with later(lost * 120):
+            attempt = running(personas, task)
+            attempt_lose(attempt_id=attempt.id, reason="lease expired")
+    task.refresh_from_db()
+    assert task.status == TaskStatus.FAILED
+
+
+def test_the_sweeper_spares_an_attempt_whose_lease_was_renewed_after_it_looked(personas):
+    """The sweeper lists the due attempts, then ends them one by one; under load that
+    takes seconds, and an agent that heartbeats (or accepts) meanwhile keeps its work."""
+    agent = connect(personas.agent)
+    task = create(personas)
+    attempt = running(personas, task, agent)
+    with later(personas.group.lease_timeout_s + 1):
+        sweep_started = timezone.now()
+        due = list(
+            Attempt.objects.filter(lease_expires_at__lt=sweep_started).values_list("id", flat=True)
+        )
+        assert due == [attempt.id]
+        agent_heartbeat(agent_id=agent.id, lease_timeout_s=personas.group.lease_timeout_s)
+        lost = attempt_lose(
+            attempt_id=attempt.id, reason="lease expired", lease_expired_before=sweep_started
+        )
+    assert lost is None
+    attempt.refresh_from_db()
+    assert attempt.status == "running"
+    assert Task.objects.get(id=task.id).status == TaskStatus.RUNNING
+
+
+def test_the_sweeper_spares_an_offer_accepted_after_it_looked(personas):
+    task = create(personas)
+    offer = task_assign(task_id=task.id, agent_id=personas.agent.id)
+    with later(personas.group.lease_timeout_s + 1):
+        sweep_started = timezone.now()
+        attempt_accept(attempt_id=offer.id, agent=personas.agent, epoch=offer.epoch)
+        assert (
+            attempt_lose(
+                attempt_id=offer.id,
+                reason="offer not accepted in time",
+                lease_expired_before=sweep_started,
+            )
+            is None
+        )
+    offer.refresh_from_db()
+    assert offer.status == "running"
+
+
 # --- a web process that stopped without closing its sockets --------------------------------
 
 

@@ -228,3 +228,30 @@ def test_a_lost_task_is_matched_again_when_its_backoff_ends(personas, monkeypatc
     attempt = task_assign(task_id=task.id, agent_id=personas.agent.id)
     attempt_lose(attempt_id=attempt.id, reason="agent disconnected")
     assert later == [((personas.group.id,), pytest.approx(1.1))]  # retry_backoff(1) + margin
+
+
+@pytest.mark.parametrize("only_this_agent", [False, True], ids=["group", "agent"])
+def test_a_busy_decline_keeps_the_task_away_for_seconds_other_declines_for_a_minute(
+    personas, only_this_agent
+):
+    """An agent whose count of free slots lagged the server's says "busy": the only agent
+    that can run the task gets it again in seconds, not after a minute."""
+
+    def match():
+        agent_id = personas.agent.id if only_this_agent else None
+        return tasks_match(group_id=personas.group.id, agent_id=agent_id)
+
+    busy, unable = create(personas, "busy"), create(personas, "unable")
+    for task, reason in ((busy, "busy: the agent is at capacity (1)"), (unable, "missing_tool")):
+        attempt = task_assign(task_id=task.id, agent_id=personas.agent.id)
+        attempt_decline(
+            attempt_id=attempt.id, agent=personas.agent, epoch=attempt.epoch, reason=reason
+        )
+    with time_machine.travel(timezone.now() + timedelta(seconds=3), tick=False):
+        assert len(match()) == 1
+        assert offers(personas) == {busy.id: personas.agent.id}
+        task_cancel(actor=personas.member, task=busy)
+        assert match() == []  # "unable" is still left out
+    with time_machine.travel(timezone.now() + timedelta(seconds=61), tick=False):
+        assert len(match()) == 1
+        assert offers(personas) == {unable.id: personas.agent.id}

@@ -4,6 +4,7 @@ children on real PostgreSQL and Redis. Each test starts real servers on free por
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -193,6 +194,11 @@ def test_services_mode_supervises_daphne_worker_and_beat(services_env):
             claw.wait_for(r"demo complete", timeout=60)
         except AssertionError as exc:
             raise AssertionError(f"{exc}\n{work_state(services_env)}") from None
+        # One scrape of the web process adds up the worker's counters too (var/metrics/).
+        status, scraped, _ = browser.get("/metrics")
+        assert status == 200, scraped
+        assert re.search(r"^claw_sweep_duration_seconds_count [1-9]", scraped, re.M), scraped
+        assert re.search(r'^claw_agent_frames_total\{type="hello"\} [1-9]', scraped, re.M)
 
         claw.terminate(timeout=25)
         assert claw.popen.returncode == 0, claw.output()

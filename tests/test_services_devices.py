@@ -160,3 +160,28 @@ def test_repeated_wrong_codes_are_throttled_per_client(personas):
     assert exc.value.status == 429
     device, _ = device_pair(code=code, name="other-client", client="10.0.0.10")
     assert device.name == "other-client"
+
+
+def test_a_hello_is_a_handful_of_statements(personas):
+    """After a server restart a swarm's agents all say hello at once (1,000 agents must be
+    welcomed in seconds): registering and the welcome stay a few statements, whatever the
+    agent declares."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from apps.devices.selectors import welcome_frame
+    from apps.devices.services import agent_connection_opened
+    from claw import protocol
+
+    toolkits = {f"kit-{i}": "1" for i in range(8)}
+    info = protocol.AgentInfo(name="alpha", toolkits=toolkits, capacity=2)
+    limits = protocol.Limits(max_frame_bytes=1, rate_per_s=1, burst=1)
+    device_id = personas.agent.device_id
+    agent_connection_opened(device_id=device_id, info=info, connection="first")
+    with CaptureQueriesContext(connection) as statements:
+        agent = agent_connection_opened(device_id=device_id, info=info, connection="second")
+        welcome = welcome_frame(agent_id=agent.id, re="h1", version=1, limits=limits)
+    assert welcome.agent_id == personas.agent.id
+    assert len(statements) <= 12, [q["sql"][:80] for q in statements]
+    personas.agent.refresh_from_db()
+    assert (personas.agent.connection, personas.agent.toolkits) == ("second", toolkits)

@@ -27,6 +27,7 @@ from apps.dashboard.live import (
     LiveContext,
 )
 from apps.events.broadcast import group_channel
+from apps.events.layer import LayerTolerant
 from apps.events.models import Event
 from apps.groups.models import Group, Membership
 from apps.groups.selectors import membership_role
@@ -77,7 +78,7 @@ def _parse_query(raw: bytes) -> tuple[str, str, dict[str, str]] | str:
     return page, slug, params
 
 
-class LivePageConsumer(AsyncWebsocketConsumer):
+class LivePageConsumer(LayerTolerant, AsyncWebsocketConsumer):
     page: str = ""
     group: Group | None = None
     group_ids: tuple[int, ...] = ()
@@ -106,9 +107,9 @@ class LivePageConsumer(AsyncWebsocketConsumer):
         self.redraw_due = False
         self.wake = asyncio.Event()
         for group_id in self.group_ids:
-            await self.channel_layer.group_add(group_channel(group_id), self.channel_name)
+            await self.layer_join(group_channel(group_id))
         for channel_group in PAGE_FOLLOWS[page]:
-            await self.channel_layer.group_add(channel_group, self.channel_name)
+            await self.layer_join(channel_group)
         self.flusher = asyncio.create_task(self._flush_loop())
 
     async def disconnect(self, code: int) -> None:
@@ -117,9 +118,9 @@ class LivePageConsumer(AsyncWebsocketConsumer):
             with contextlib.suppress(asyncio.CancelledError):
                 await self.flusher
         for group_id in self.group_ids:
-            await self.channel_layer.group_discard(group_channel(group_id), self.channel_name)
+            await self.layer_leave(group_channel(group_id))
         for channel_group in PAGE_FOLLOWS.get(self.page, ()):
-            await self.channel_layer.group_discard(channel_group, self.channel_name)
+            await self.layer_leave(channel_group)
 
     # --- client frames ------------------------------------------------------------------
 
@@ -171,6 +172,16 @@ class LivePageConsumer(AsyncWebsocketConsumer):
         if self.group is None or self.after is None:
             return  # before the resume, the page is redrawn from its seq anyway
         self.redraw_due = True
+        self.wake.set()
+
+    async def layer_restored(self) -> None:
+        """Back from a channel-layer outage, whose messages were lost: as after a resume,
+        the page's group is replayed from its seq, the badge recounted and what the page
+        follows outside the event log redrawn."""
+        if self.group is None or self.after is None:
+            return
+        self.page_due = self.badge_due = True
+        self.redraw_due = self.page in CROSS_GROUP_PAGES or bool(PAGE_FOLLOWS[self.page])
         self.wake.set()
 
     def _note(self, group_id: int, last_seq: int, kind: str) -> None:

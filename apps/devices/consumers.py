@@ -34,8 +34,11 @@ from apps.devices.services import (
     agent_heartbeat,
     device_authenticate,
 )
-from apps.events.broadcast import agent_channel, device_channel, layer_lanes
+from apps.events.broadcast import agent_channel, device_channel
+from apps.events.layer import LayerTolerant
 from claw import protocol
+from claw.errors import pool_timed_out
+from claw.metrics import AGENT_FRAMES
 from claw.protocol import FrameError
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,8 @@ logger = logging.getLogger(__name__)
 # The services called here are self-contained (each opens, commits and closes its own
 # work, and no state lives in a thread), so any worker thread of the loop's pool will do.
 # A consumer still awaits its calls one by one: one socket's frames keep their order.
+# Channels closes the thread's connection after each call (CONN_MAX_AGE is 0 with the
+# pool), which hands it back to the process's pool: threads never hold connections.
 db = partial(database_sync_to_async, thread_sensitive=False)
 
 
@@ -62,8 +67,8 @@ def retried_without_health_check(func):
         connection.health_check_done = True
         try:
             return func(**kwargs)
-        except (OperationalError, InterfaceError):
-            if connection.in_atomic_block:
+        except (OperationalError, InterfaceError) as exc:
+            if connection.in_atomic_block or pool_timed_out(exc):
                 raise
             logger.warning("%s failed on its connection; once more", func.__name__, exc_info=True)
             connection.close()
@@ -196,7 +201,7 @@ def _connection_opened(**kwargs):
     return agent_connection_opened(server_id=current_server_id(), **kwargs)
 
 
-class AgentConsumer(AsyncWebsocketConsumer):
+class AgentConsumer(LayerTolerant, AsyncWebsocketConsumer):
     device_id: int | None = None
     agent_id: int | None = None
 
@@ -216,21 +221,17 @@ class AgentConsumer(AsyncWebsocketConsumer):
         self.device_id = device.id
         self.bucket = TokenBucket(RATE_PER_S, BURST)
         self.violations = 0
-        await self.channel_layer.group_add(device_channel(device.id), self.channel_name)
+        await self.layer_join(device_channel(device.id))
 
     async def disconnect(self, code: int) -> None:
         # The database first: when thousands of sockets drop at once the channel layer can
         # refuse (Redis pool exhausted), and the agent must still become suspect.
         if self.agent_id is not None:
             await db(agent_connection_closed)(agent_id=self.agent_id, connection=self.channel_name)
-        groups = [device_channel(self.device_id)] if self.device_id is not None else []
-        groups += [agent_channel(self.agent_id)] if self.agent_id is not None else []
-        for group in groups:
-            try:
-                async with layer_lanes():
-                    await self.channel_layer.group_discard(group, self.channel_name)
-            except Exception:  # the membership expires with the layer's group_expiry
-                logger.warning("leaving %s failed", group, exc_info=True)
+        if self.device_id is not None:
+            await self.layer_leave(device_channel(self.device_id))
+        if self.agent_id is not None:
+            await self.layer_leave(agent_channel(self.agent_id))
 
     async def dispatch(self, message: dict) -> None:
         # Channels' dispatch first closes the old database connections of its one shared
@@ -272,6 +273,7 @@ class AgentConsumer(AsyncWebsocketConsumer):
             if self.agent_id is None:
                 await self.close(code=protocol.CLOSE_PROTOCOL)
             return
+        AGENT_FRAMES.labels(type=frame.type).inc()
         if self.agent_id is None and not isinstance(frame, protocol.Hello):
             await self._error(frame.id, "hello_first", "The first frame must be hello.")
             await self.close(code=protocol.CLOSE_PROTOCOL)
@@ -330,12 +332,13 @@ class AgentConsumer(AsyncWebsocketConsumer):
             return
         agent_id = agent.id
         # Another live socket of this agent (a reconnect racing an old connection) steps down.
-        await self.channel_layer.group_send(
+        # (While the layer is down the old one learns it when the layer is back.)
+        await self.layer_send(
             agent_channel(agent_id), {"type": "agent.replaced", "by": self.channel_name}
         )
         self.agent_id, self.group_id = agent_id, agent.group_id
 
-        await self.channel_layer.group_add(agent_channel(agent_id), self.channel_name)
+        await self.layer_join(agent_channel(agent_id))
         welcome = await db(selectors.welcome_frame)(
             agent_id=agent_id,
             re=frame.id,
@@ -383,8 +386,26 @@ class AgentConsumer(AsyncWebsocketConsumer):
         if message["by"] != self.channel_name:
             await self._error(None, "replaced", "A newer connection of this agent took over.")
             self_agent, self.agent_id = self.agent_id, None
-            await self.channel_layer.group_discard(agent_channel(self_agent), self.channel_name)
+            await self.layer_leave(agent_channel(self_agent))
             await self.close(code=protocol.CLOSE_REPLACED)
+
+    async def layer_restored(self) -> None:
+        """Back from a channel-layer outage: what the pushes lost meanwhile would have said
+        is read from the database. Offers are sent again (the runtime ignores one it
+        already has), as are decisions not yet confirmed; a revocation or a newer socket
+        of this agent closes this one."""
+        if self.device_id is None:
+            return
+        missed = await db(retried_without_health_check(selectors.missed_pushes))(
+            device_id=self.device_id, agent_id=self.agent_id, connection=self.channel_name
+        )
+        if missed.revoked:
+            await self.device_revoked({})
+        elif missed.replaced:
+            await self.agent_replaced({"by": None})
+        else:
+            for frame in missed.frames:
+                await self._send(frame)
 
     # --- helpers ---------------------------------------------------------------------------
 

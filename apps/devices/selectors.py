@@ -1,5 +1,7 @@
+from dataclasses import dataclass, field
+
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet
 
 from apps.devices.models import Agent, Device
 from apps.devices.skills import skills_current
@@ -86,7 +88,6 @@ def welcome_frame(
 ) -> protocol.Welcome:
     """What the agent needs after hello: its settings, the attempts it still owns and the
     checkpoint outcomes it has not seen yet."""
-    from apps.checkpoints.models import Checkpoint, CheckpointStatus
     from apps.tasks.models import LIVE_ATTEMPT_STATUSES, Attempt
 
     agent = Agent.objects.select_related("group").get(id=agent_id)
@@ -96,9 +97,6 @@ def welcome_frame(
         .order_by("id")
     )
     skills = _skills(agent.group_id, [attempt.task for attempt in owned])
-    unseen = Checkpoint.objects.filter(attempt__agent_id=agent_id, delivered_at=None).exclude(
-        status=CheckpointStatus.PENDING
-    )
     return protocol.Welcome(
         re=re,
         version=version,
@@ -109,18 +107,62 @@ def welcome_frame(
         lease_timeout_s=agent.group.lease_timeout_s,
         limits=limits,
         owned=[_assignment(a, skills) for a in owned],
-        decisions=[
-            protocol.Decision(
-                checkpoint_id=c.id,
-                attempt_id=c.attempt_id,
-                status=c.status,
-                note=_decision_note(c),
-            )
-            for c in unseen.order_by("id")
-        ],
+        decisions=_unseen_decisions(agent_id),
+    )
+
+
+def _unseen_decisions(agent_id: int) -> list[protocol.Decision]:
+    """Outcomes of the agent's checkpoints it has not confirmed (decision_received)."""
+    from apps.checkpoints.models import Checkpoint, CheckpointStatus
+
+    unseen = Checkpoint.objects.filter(attempt__agent_id=agent_id, delivered_at=None).exclude(
+        status=CheckpointStatus.PENDING
+    )
+    return [
+        protocol.Decision(
+            checkpoint_id=c.id, attempt_id=c.attempt_id, status=c.status, note=_decision_note(c)
+        )
+        for c in unseen.order_by("id")
+    ]
+
+
+@dataclass
+class MissedPushes:
+    revoked: bool = False
+    replaced: bool = False
+    frames: list[protocol.Frame] = field(default_factory=list)
+
+
+def missed_pushes(*, device_id: int, agent_id: int | None, connection: str) -> MissedPushes:
+    """What a socket's pushes said, from committed state, for a socket that may have missed
+    some (a channel-layer outage): whether its device was revoked or a newer socket took its
+    agent over, else the agent's offers and unconfirmed decisions."""
+    from apps.tasks.models import Attempt, AttemptStatus
+
+    if Device.objects.filter(id=device_id).exclude(revoked_at=None).exists():
+        return MissedPushes(revoked=True)
+    if agent_id is None:
+        return MissedPushes()
+    agent = Agent.objects.filter(id=agent_id).values("group_id", "connection").first()
+    if agent is None or agent["connection"] not in ("", connection):
+        return MissedPushes(replaced=True)
+    offered = list(
+        Attempt.objects.select_related("task")
+        .filter(agent_id=agent_id, status=AttemptStatus.OFFERED)
+        .order_by("id")
+    )
+    skills = _skills(agent["group_id"], [attempt.task for attempt in offered])
+    return MissedPushes(
+        frames=[*(_assignment(a, skills) for a in offered), *_unseen_decisions(agent_id)]
     )
 
 
 def _decision_note(checkpoint) -> str:
     last = checkpoint.decisions.order_by("-created_at").first()
     return last.note if last else ""
+
+
+def agent_counts_by_status() -> dict[str, int]:
+    """Agents of all groups by status (one GROUP BY; /metrics)."""
+    rows = Agent.objects.order_by().values_list("status").annotate(n=Count("id"))
+    return dict(rows)

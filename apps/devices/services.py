@@ -3,7 +3,7 @@ from datetime import timedelta
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.cache import cache
-from django.db import connection, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
@@ -182,7 +182,12 @@ def agent_register(
     connection: str = "",
     server_id: int | None = None,
 ) -> Agent:
-    """Register an agent on a device, or update it when it says hello again."""
+    """Register an agent on a device, or update it when it says hello again, and match it
+    to work once committed. A few statements in one transaction: after a server restart a
+    swarm's agents all say hello at once. Refuses a device revoked meanwhile."""
+    from apps.tasks.matching import request_matching_for_agent
+    from apps.tasks.services import refresh_agent_load
+
     name = name.strip()
     if not name or len(name) > 100:
         raise InvalidInput("An agent needs a name of 1 to 100 characters.")
@@ -191,32 +196,52 @@ def agent_register(
     _validate_toolkits(toolkits)
     now = timezone.now()
     with transaction.atomic():
-        for slug in toolkits:
-            Toolkit.objects.get_or_create(slug=slug)
-        agent, created = Agent.objects.update_or_create(
-            device=device,
-            name=name,
-            defaults={
-                "group_id": device.group_id,
-                "toolkits": toolkits,
-                "capacity": capacity,
-                "client_version": client_version[:50],
-                "tool_schemas": tool_schemas or {},
-                "connection": connection,
-                "server_id": server_id,
-                "disconnected_at": None,
-                "status": AgentStatus.DRAINING if device.draining else AgentStatus.ONLINE,
-                "last_heartbeat_at": now,
-            },
-        )
-        Device.objects.filter(id=device.id).update(last_seen_at=now)
+        seen = Device.objects.filter(id=device.id, revoked_at=None).update(last_seen_at=now)
+        if not seen:
+            raise Unauthorized("This device was revoked.", code="revoked")
+        _toolkits_ensure(list(toolkits))
+        fields = {
+            "group_id": device.group_id,
+            "toolkits": toolkits,
+            "capacity": capacity,
+            "client_version": client_version[:50],
+            "tool_schemas": tool_schemas or {},
+            "connection": connection,
+            "server_id": server_id,
+            "disconnected_at": None,
+            "status": AgentStatus.DRAINING if device.draining else AgentStatus.ONLINE,
+            "last_heartbeat_at": now,
+        }
+        agent, created = _agent_upsert(device=device, name=name, fields=fields)
+        refresh_agent_load(agent.id)
         event_append(
             group_id=device.group_id,
             kind="agent.registered" if created else "agent.online",
             agent_id=agent.id,
             payload={"name": name, "toolkits": toolkits, "capacity": capacity},
         )
+        request_matching_for_agent(device.group_id, agent.id, whole_group=False)
     return agent
+
+
+def _toolkits_ensure(slugs: list[str]) -> None:
+    known = set(Toolkit.objects.filter(slug__in=slugs).values_list("slug", flat=True))
+    missing = [Toolkit(slug=slug) for slug in slugs if slug not in known]
+    if missing:
+        Toolkit.objects.bulk_create(missing, ignore_conflicts=True)
+
+
+def _agent_upsert(*, device: Device, name: str, fields: dict) -> tuple[Agent, bool]:
+    existing = Agent.objects.filter(device_id=device.id, name=name).values_list("id", flat=True)
+    agent_id = existing.first()
+    if agent_id is None:
+        try:
+            with transaction.atomic():
+                return Agent.objects.create(device=device, name=name, **fields), True
+        except IntegrityError:  # the same new agent's other socket said hello first
+            agent_id = existing.get()
+    Agent.objects.filter(id=agent_id).update(**fields)
+    return Agent(id=agent_id, device=device, name=name, **fields), False
 
 
 def agent_heartbeat(*, agent_id: int, lease_timeout_s: int) -> int:
@@ -312,7 +337,7 @@ def agent_connection_opened(
     device = Device.objects.filter(id=device_id, revoked_at=None).first()
     if device is None:
         raise Unauthorized("This device was revoked.", code="revoked")
-    agent = agent_register(
+    return agent_register(
         device=device,
         name=info.name,
         toolkits=dict(info.toolkits),
@@ -322,13 +347,6 @@ def agent_connection_opened(
         connection=connection,
         server_id=server_id,
     )
-    from apps.tasks.services import refresh_agent_load, request_matching
-
-    with transaction.atomic():
-        refresh_agent_load(agent.id)
-        request_matching(agent.group_id)
-    agent.refresh_from_db()
-    return agent
 
 
 def agent_connection_closed(*, agent_id: int, connection: str) -> bool:

@@ -92,6 +92,8 @@ def send_many_now(messages: list[tuple[str, dict]]) -> None:
         by_group.setdefault(channel_group, []).append(message)
 
     async def send_all() -> None:
+        from apps.events.layer import layer_outage
+
         lanes = layer_lanes()
 
         async def send_group(channel_group: str, group_messages: list[dict]) -> None:
@@ -100,11 +102,14 @@ def send_many_now(messages: list[tuple[str, dict]]) -> None:
                     async with lanes:
                         await layer.group_send(channel_group, message)
                 except Exception:
-                    logger.warning(
-                        "broadcast to %s failed; live views will resync",
-                        channel_group,
-                        exc_info=True,
-                    )
+                    outage = layer_outage(layer)
+                    if not outage.ongoing:  # else logged once, when it began
+                        logger.warning(
+                            "broadcast to %s failed; live views will resync",
+                            channel_group,
+                            exc_info=True,
+                        )
+                    outage.report()
 
         await asyncio.gather(*(send_group(cg, ms) for cg, ms in by_group.items()))
 

@@ -10,6 +10,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from apps.events.broadcast import group_channel
+from apps.events.layer import LayerTolerant
 from apps.events.models import Event
 from apps.events.selectors import events_since
 from apps.groups.models import Group
@@ -31,8 +32,10 @@ def event_frame(event: Event) -> dict:
     }
 
 
-class GroupEventsConsumer(AsyncWebsocketConsumer):
+class GroupEventsConsumer(LayerTolerant, AsyncWebsocketConsumer):
     group_id: int | None = None
+    # The highest seq sent (or the client's resume point): where a repair replays from.
+    sent_seq: int | None = None
 
     async def connect(self) -> None:
         slug = self.scope["url_route"]["kwargs"]["slug"]
@@ -43,11 +46,11 @@ class GroupEventsConsumer(AsyncWebsocketConsumer):
         if self.group_id is None:
             await self.close(code=4403)
             return
-        await self.channel_layer.group_add(group_channel(self.group_id), self.channel_name)
+        await self.layer_join(group_channel(self.group_id))
 
     async def disconnect(self, code: int) -> None:
         if self.group_id is not None:
-            await self.channel_layer.group_discard(group_channel(self.group_id), self.channel_name)
+            await self.layer_leave(group_channel(self.group_id))
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if text_data is None or len(text_data) > MAX_FRAME_BYTES:
@@ -69,24 +72,35 @@ class GroupEventsConsumer(AsyncWebsocketConsumer):
         if not isinstance(after, int) or isinstance(after, bool) or after < 0:
             await self._error("bad_after", "after must be a non-negative integer.")
             return
-        for frame in await self._frames_since(after):
-            await self.send(text_data=json.dumps(frame))
+        self.sent_seq = max(self.sent_seq or 0, after)
+        await self._send_frames(await self._frames_since(after))
 
     async def event_appended(self, message: dict) -> None:
-        frames = await self._frames_since(message["seq"] - 1, limit=1)
-        for frame in frames:
-            await self.send(text_data=json.dumps(frame))
+        await self._send_frames(await self._frames_since(message["seq"] - 1, limit=1))
 
     async def events_appended(self, message: dict) -> None:
         """A batch (event_append_many): the events first_seq..last_seq, in order."""
         after, last = message["first_seq"] - 1, message["last_seq"]
         while after < last:
             frames = await self._frames_since(after, limit=min(last - after, 500))
-            for frame in frames:
-                await self.send(text_data=json.dumps(frame))
+            await self._send_frames(frames)
             if not frames:
                 break
             after = frames[-1]["seq"]
+
+    async def layer_restored(self) -> None:
+        """Back from a channel-layer outage, whose messages were lost: the events after
+        the last one sent, from the database (the client dedupes by seq)."""
+        after = self.sent_seq
+        while after is not None:
+            frames = await self._frames_since(after)
+            await self._send_frames(frames)
+            after = frames[-1]["seq"] if len(frames) == 500 else None
+
+    async def _send_frames(self, frames: list[dict]) -> None:
+        for frame in frames:
+            await self.send(text_data=json.dumps(frame))
+            self.sent_seq = max(self.sent_seq or 0, frame["seq"])
 
     async def _error(self, code: str, text: str) -> None:
         await self.send(text_data=json.dumps({"type": "error", "code": code, "message": text}))

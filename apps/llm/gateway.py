@@ -38,6 +38,7 @@ from apps.llm.models import ModelCallStatus
 from apps.llm.selectors import Caller, CallerError, caller_for_token
 from apps.llm.services import CallRecord, budget_exhausted_message, budget_exhausted_refuse
 from claw import llm
+from claw.errors import pool_timed_out
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,9 @@ ERROR_TYPES = {
     413: "invalid_request_error",
     429: "insufficient_quota",
 }
-# Database reads of the request path run here: long-lived threads whose connections stay
-# open (CONN_MAX_AGE), not a fresh thread and connection per request.
+# Database reads of the request path run here: long-lived threads, not a fresh thread per
+# request. Without a pool each keeps its connection open (CONN_MAX_AGE); with one, each
+# call hands its connection back to the pool.
 _DB = ThreadPoolExecutor(max_workers=8, thread_name_prefix="claw-llm-db")
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 _SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"cache-control", b"no-store")]
@@ -164,13 +166,25 @@ CONNECTION_CHECK_S = 10.0
 
 
 def _in_db_thread(fn, kwargs: dict):
+    if getattr(connection, "pool", None) is not None:
+        try:
+            return _retried(fn, kwargs)
+        finally:
+            # Back to the pool: an idle thread holding it would keep it from everyone.
+            connection.close()
     now = time.monotonic()
     if now - getattr(_checked, "at", 0.0) > CONNECTION_CHECK_S:
         close_old_connections()
         _checked.at = now
+    return _retried(fn, kwargs)
+
+
+def _retried(fn, kwargs: dict):
     try:
         return fn(**kwargs)
-    except (InterfaceError, OperationalError):
+    except (InterfaceError, OperationalError) as exc:
+        if pool_timed_out(exc):
+            raise
         # A connection that died since the last check: one retry on a fresh one.
         connection.close()
         _checked.at = time.monotonic()

@@ -15,6 +15,7 @@ import time
 from django.db import close_old_connections, connection
 
 from apps.llm.services import CallRecord, model_calls_record
+from claw.metrics import MODEL_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ class Meter:
 
     def submit(self, record: CallRecord) -> None:
         """Queue a record; never blocks and never raises into the caller."""
+        MODEL_TOKENS.labels(kind="prompt").inc(record.prompt_tokens)
+        MODEL_TOKENS.labels(kind="completion").inc(record.completion_tokens)
         with self._lock:
             self._pending += 1
             if self._thread is None or not self._thread.is_alive():

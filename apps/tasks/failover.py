@@ -139,6 +139,6 @@ def attempts_sweep_expired(*, limit: int = 500) -> int:
     lost = 0
     for attempt_id, status in due:
         reason = "offer not accepted in time" if status == "offered" else "lease expired"
-        if attempt_lose(attempt_id=attempt_id, reason=reason) is not None:
+        if attempt_lose(attempt_id=attempt_id, reason=reason, lease_expired_before=now):
             lost += 1
     return lost

@@ -7,11 +7,13 @@ under the agents' row locks), so any number of matchers may run at once: a lost 
 skipped, never doubled.
 """
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from channels.db import database_sync_to_async
 from django.db import connection, transaction
 from django.db.models import BooleanField, Count, Exists, F, OuterRef, Q, Subquery
 from django.db.models.expressions import RawSQL
@@ -19,14 +21,21 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from apps.devices.models import Agent, AgentStatus
+from apps.events.broadcast import server_loop
 from apps.llm.selectors import backend_holds_llm
 from apps.tasks.models import LIVE_ATTEMPT_STATUSES, Attempt, AttemptStatus, Task, TaskStatus
 from apps.tasks.services import tasks_assign_many
 from claw.errors import DomainError
+from claw.metrics import MATCH_SECONDS, assignments_observe
 
 logger = logging.getLogger(__name__)
 
 DECLINE_EXCLUSION = timedelta(seconds=60)
+# A "busy" decline says the agent was full when the offer came (its count of free slots
+# lagged the server's), not that it cannot do the task: it may have it again shortly,
+# once it has had time to catch up, so an offer does not bounce back and forth.
+BUSY_DECLINE_EXCLUSION = timedelta(seconds=2)
+BUSY_DECLINE = "busy"
 MAX_CANDIDATES_RECORDED = 10
 # The toolkit of tasks a model works on: held while the model backend is down or saturated.
 LLM_TOOLKIT = "llm"
@@ -84,19 +93,24 @@ def _available_agents(group_id: int, agent_id: int | None = None) -> list[Candid
 def _history(task_ids: list[int]) -> tuple[dict[int, set[int]], set[tuple[int, int]]]:
     """For each task, the devices whose attempts at it failed or were lost (retries go
     elsewhere), and the (task, agent) pairs declined in the last DECLINE_EXCLUSION."""
-    since = timezone.now() - DECLINE_EXCLUSION
+    now = timezone.now()
     failed: dict[int, set[int]] = {}
     decliners: set[tuple[int, int]] = set()
     rows = Attempt.objects.filter(
         task_id__in=task_ids,
         status__in=[AttemptStatus.FAILED, AttemptStatus.LOST, AttemptStatus.DECLINED],
-    ).values_list("task_id", "device_id", "agent_id", "status", "ended_at")
-    for task_id, device_id, agent_id, status, ended_at in rows:
+    ).values_list("task_id", "device_id", "agent_id", "status", "ended_at", "failure_reason")
+    for task_id, device_id, agent_id, status, ended_at, reason in rows:
         if status != AttemptStatus.DECLINED:
             failed.setdefault(task_id, set()).add(device_id)
-        elif ended_at is not None and ended_at >= since:
+        elif ended_at is not None and ended_at >= now - _decline_exclusion(reason):
             decliners.add((task_id, agent_id))
     return failed, decliners
+
+
+def _decline_exclusion(reason: str) -> timedelta:
+    busy = reason.split(":", 1)[0] == BUSY_DECLINE
+    return BUSY_DECLINE_EXCLUSION if busy else DECLINE_EXCLUSION
 
 
 def _rank(
@@ -210,16 +224,19 @@ def _covered_by(toolkits: list[str]) -> Q | RawSQL:
 
 
 def _recently_declined_by(agent_id: int) -> Exists:
+    now = timezone.now()
+    busy = Q(failure_reason=BUSY_DECLINE) | Q(failure_reason__startswith=f"{BUSY_DECLINE}:")
     return Exists(
         Attempt.objects.filter(
-            task_id=OuterRef("id"),
-            agent_id=agent_id,
-            status=AttemptStatus.DECLINED,
-            ended_at__gte=timezone.now() - DECLINE_EXCLUSION,
+            task_id=OuterRef("id"), agent_id=agent_id, status=AttemptStatus.DECLINED
+        ).filter(
+            (~busy & Q(ended_at__gte=now - DECLINE_EXCLUSION))
+            | (busy & Q(ended_at__gte=now - BUSY_DECLINE_EXCLUSION))
         )
     )
 
 
+@MATCH_SECONDS.time()
 def tasks_match(*, group_id: int, limit: int = 200, agent_id: int | None = None) -> list[int]:
     """Assign the group's ready tasks (highest priority, then oldest first) to the best
     available agents (or only to `agent_id`). Returns the ids of the attempts offered.
@@ -266,6 +283,7 @@ def tasks_match(*, group_id: int, limit: int = 200, agent_id: int | None = None)
             )
         except DomainError:
             return []  # the batch rolled back; its tasks stay ready for the next round
+    assignments_observe(ready=ready, attempts=attempts)
     return [attempt.id for attempt in attempts]
 
 
@@ -287,7 +305,19 @@ def request_matching_for_agent(group_id: int, agent_id: int, *, whole_group: boo
             if not whole_group:
                 request_matching(group_id)  # outside a transaction: enqueued now
 
-    transaction.on_commit(match_agent, robust=True)
+    def after_commit() -> None:
+        loop = server_loop()
+        if loop is None:
+            match_agent()
+            return
+        # In a server's worker thread, answering the agent's own frame (complete, fail,
+        # decline): the answer goes out now and the match runs beside it, so the ack does
+        # not wait for the next offer. The socket handles the offer's push after the ack.
+        asyncio.run_coroutine_threadsafe(
+            database_sync_to_async(match_agent, thread_sensitive=False)(), loop
+        )
+
+    transaction.on_commit(after_commit, robust=True)
     if whole_group:
         request_matching(group_id)
 

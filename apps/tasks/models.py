@@ -1,6 +1,7 @@
 from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
+from django.utils import timezone
 
 from apps.devices.models import Agent, Device
 from apps.groups.models import CheckpointPolicy, DependencyFailurePolicy, Group
@@ -20,6 +21,15 @@ class TaskStatus(models.TextChoices):
 
 TERMINAL_TASK_STATUSES = {TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED}
 LIVE_TASK_STATUSES = {TaskStatus.ASSIGNED, TaskStatus.RUNNING}
+
+
+class TaskQuerySet(models.QuerySet):
+    def update(self, **kwargs):
+        # Every move to ready is a compare-and-set update, in many services: stamping
+        # ready_at here covers each of them, and any added later.
+        if kwargs.get("status") == TaskStatus.READY:
+            kwargs.setdefault("ready_at", timezone.now())
+        return super().update(**kwargs)
 
 
 class Task(models.Model):
@@ -80,6 +90,11 @@ class Task(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+    # When the task last became ready (its creation, for one created ready): the matcher
+    # measures ready → offered from it (claw_assignment_latency_seconds).
+    ready_at = models.DateTimeField(default=timezone.now)
+
+    objects = TaskQuerySet.as_manager()
 
     class Meta:
         indexes = [

@@ -1,6 +1,6 @@
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db import connection
-from django.db.models import Prefetch, QuerySet
+from django.db.models import Count, Prefetch, QuerySet
 
 from apps.devices.models import Device
 from apps.groups.models import Group, Role
@@ -105,3 +105,9 @@ def running_attempt_for_device(
             details={"task_epoch": attempt.task.epoch, "attempt_status": attempt.status},
         )
     return attempt
+
+
+def task_counts_by_status() -> dict[str, int]:
+    """Tasks of all groups by status (one GROUP BY; /metrics)."""
+    rows = Task.objects.order_by().values_list("status").annotate(n=Count("id"))
+    return dict(rows)

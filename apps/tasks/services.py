@@ -7,14 +7,14 @@ import uuid
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import IO, Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.files.storage import default_storage
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Count, F, Max
+from django.db.models import Count, F, Max, Q
 from django.utils import timezone
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -36,6 +36,7 @@ from apps.tasks.models import (
     TaskDependency,
     TaskStatus,
 )
+from claw import metrics
 from claw.errors import DomainError, InvalidInput, InvalidTransition, NotFound, StaleAttempt
 
 MAX_STEPS = 200
@@ -819,6 +820,8 @@ def attempt_accept(*, attempt_id: int, agent: Agent, epoch: int) -> Attempt:
             lease_expires_at=lease,
         )
         _cas_task(attempt, TaskStatus.ASSIGNED, status=TaskStatus.RUNNING)
+        waited = (now - attempt.offered_at).total_seconds()
+        transaction.on_commit(lambda: metrics.ACCEPT_SECONDS.observe(waited))
         event_append(
             group_id=attempt.task.group_id,
             kind="task.running",
@@ -913,11 +916,16 @@ def attempt_complete(*, attempt_id: int, agent: Agent, epoch: int, result: Any) 
 
 
 def _attempts_used(task: Task) -> int:
-    return Attempt.objects.filter(
-        task_id=task.id,
-        epoch__gt=task.attempt_floor,
-        status__in=[AttemptStatus.FAILED, AttemptStatus.LOST],
-    ).count()
+    """Attempts at the work since the last retry: failures, and losses of attempts that had
+    started. An offer that lapsed or whose agent vanished before accepting never ran the
+    work, so it does not use up the task (under load offers lapse with no agent failing)."""
+    return (
+        Attempt.objects.filter(task_id=task.id, epoch__gt=task.attempt_floor)
+        .filter(
+            Q(status=AttemptStatus.FAILED) | Q(status=AttemptStatus.LOST, started_at__isnull=False)
+        )
+        .count()
+    )
 
 
 def _end_attempt(
@@ -935,18 +943,23 @@ def _end_attempt(
         lease_expires_at=None,
     )
     task = Task.objects.get(id=attempt.task_id)
+    started = attempt.started_at is not None
     used = _attempts_used(task)
     out_of_attempts = used >= task.max_attempts
     next_status = TaskStatus.FAILED if (not retryable or out_of_attempts) else TaskStatus.READY
     not_before = now + retry_backoff(used) if next_status == TaskStatus.READY else None
+    if next_status == TaskStatus.READY:
+        kind = "failed" if outcome == AttemptStatus.FAILED else f"lost_{attempt.status}"
+        transaction.on_commit(metrics.REASSIGNMENTS.labels(kind=kind).inc)
     updated = Task.objects.filter(
         id=attempt.task_id, epoch=attempt.epoch, status__in=LIVE_TASK_STATUSES
     ).update(status=next_status, not_before=not_before)
     if updated != 1:
         raise StaleAttempt(f"Task {attempt.task_id} moved past epoch {attempt.epoch}.")
-    agent_record_outcome(
-        agent_id=attempt.agent_id, succeeded=False, toolkits=task.required_toolkits
-    )
+    if started or outcome == AttemptStatus.FAILED:
+        agent_record_outcome(
+            agent_id=attempt.agent_id, succeeded=False, toolkits=task.required_toolkits
+        )
     refresh_agent_load(attempt.agent_id)
     failed = next_status == TaskStatus.FAILED
     fallout = _propagate_block([attempt.task_id]) if failed else _Fallout()
@@ -1004,17 +1017,22 @@ def attempt_fail(*, attempt_id: int, agent: Agent, epoch: int, error: str, retry
         )
 
 
-def attempt_lose(*, attempt_id: int, reason: str) -> str | None:
+def attempt_lose(
+    *, attempt_id: int, reason: str, lease_expired_before: datetime | None = None
+) -> str | None:
     """The system gives up on a live attempt (lease expired, agent gone). Idempotent:
     returns None when the attempt had already ended, or when another transaction holds it
     right now (another sweeper ending it, its agent finishing it or extending its lease):
-    the next sweep looks again. So overlapping sweeps never fail or queue on each other."""
+    the next sweep looks again. So overlapping sweeps never fail or queue on each other.
+
+    `lease_expired_before`: lose it only if its lease (or offer deadline) is still before
+    this moment under the row lock. A sweeper's list of due attempts is stale by the time
+    it gets to each one: the agent may have accepted or heartbeated meanwhile."""
+    live = Attempt.objects.filter(id=attempt_id, status__in=LIVE_ATTEMPT_STATUSES)
+    if lease_expired_before is not None:
+        live = live.filter(lease_expires_at__lt=lease_expired_before)
     with transaction.atomic():
-        attempt = (
-            Attempt.objects.select_for_update(no_key=True, skip_locked=True)
-            .filter(id=attempt_id, status__in=LIVE_ATTEMPT_STATUSES)
-            .first()
-        )
+        attempt = live.select_for_update(no_key=True, skip_locked=True).first()
         if attempt is None:
             return None
         return _end_attempt(

@@ -167,6 +167,9 @@ class _Local:
     task: asyncio.Task
     epoch: int
     stopped_by: str = ""  # why we stopped it ourselves (cancel, not owned, shutdown)
+    # Its complete or fail was answered: the server freed its slot and may offer the next
+    # task in the very next frame, before this attempt's coroutine has wound down.
+    released: bool = False
 
 
 class AgentClient:
@@ -215,6 +218,7 @@ class AgentClient:
         self._pruned = False
         self._closing = False
         self._keep_journals = False
+        self._ending_frames: dict[str, int] = {}  # complete/fail frame id -> attempt id
 
     # --- running -------------------------------------------------------------------------
 
@@ -517,6 +521,8 @@ class AgentClient:
         if len(text.encode()) > protocol.MAX_FRAME_BYTES:
             raise ValueError(f"a {_frame_type(model)} frame over {protocol.MAX_FRAME_BYTES} bytes")
         future = self.outbox.add(frame_id, text)
+        if model in (protocol.Complete, protocol.Fail):
+            self._ending_frames[frame_id] = fields["attempt_id"]
         ws = self._ws
         if self._ready and ws is not None:
             await self._send_text(ws, text)
@@ -562,6 +568,7 @@ class AgentClient:
                 return
         match frame:
             case protocol.Ack():
+                self._release_slot(frame.re)
                 self.outbox.answer(frame.re, result=frame.result)
             case protocol.Error():
                 self._on_error(frame)
@@ -584,7 +591,17 @@ class AgentClient:
             logger.warning("the server failed on frame %s; resending it", error.re)
             self._spawn(self._resend_later(self._ws, 1.0, only=error.re))
             return
+        self._release_slot(error.re)
         self.outbox.answer(error.re, error=FrameRejected(error.code, error.message))
+
+    def _release_slot(self, frame_id: str) -> None:
+        attempt_id = self._ending_frames.pop(frame_id, None)
+        local = self.attempts.get(attempt_id) if attempt_id is not None else None
+        if local is not None:
+            local.released = True
+
+    def _busy_slots(self) -> int:
+        return sum(not local.released for local in self.attempts.values())
 
     def _on_assignment(self, assignment: protocol.Assignment) -> None:
         attempt_id, task = assignment.attempt_id, assignment.task
@@ -595,7 +612,7 @@ class AgentClient:
         if offered and self._draining:
             refusal = ("shutting_down", "the agent is shutting down")
         refusal = refusal or check_task(task, self.toolkits)
-        if offered and refusal is None and len(self.attempts) >= self.capacity:
+        if offered and refusal is None and self._busy_slots() >= self.capacity:
             refusal = ("busy", f"the agent is at capacity ({self.capacity})")
         ids = {"attempt_id": attempt_id, "epoch": assignment.epoch}
         if refusal is not None:
