@@ -1,6 +1,6 @@
 import os
 
-from celery import Celery
+from celery import Celery, signals
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "claw.settings")
 
@@ -18,8 +18,9 @@ def schedule_periodic_tasks(sender: Celery, **kwargs) -> None:
     sender.add_periodic_task(
         settings.CELERY_BEAT_TICK_SECONDS, sender.signature("claw.beat_tick"), name="beat tick"
     )
-    # Leases are checked every second (one indexed query when nothing is due); matching
-    # normally runs on commit, and this sweep is its safety net.
+    # The maintenance jobs run in the workers' maintainer threads (claw.maintenance), which
+    # do not need beat; these copies run only when no maintainer holds the lease. Leases are
+    # checked every second; matching normally runs on commit, and match_all is its safety net.
     sender.add_periodic_task(1.0, sender.signature("claw.sweep_leases"), name="sweep leases")
     sender.add_periodic_task(2.0, sender.signature("claw.match_all"), name="match all groups")
     sender.add_periodic_task(
@@ -39,3 +40,19 @@ def schedule_periodic_tasks(sender: Celery, **kwargs) -> None:
             soft_time_limit=soft,
             time_limit=soft + 15,
         )
+
+
+@signals.worker_ready.connect
+def start_maintainer(**kwargs) -> None:
+    """Every worker contends for the maintenance lease (claw.maintenance), so failure
+    detection goes on with beat, or any one worker, down."""
+    from claw.maintenance import maintainer_start
+
+    maintainer_start()
+
+
+@signals.worker_shutdown.connect
+def stop_maintainer(**kwargs) -> None:
+    from claw.maintenance import maintainer_stop
+
+    maintainer_stop()

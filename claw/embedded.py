@@ -69,6 +69,7 @@ class EmbeddedCelery:
         self.worker = None
         self.worker_thread: threading.Thread | None = None
         self.beat = None
+        self.maintainer = None
 
     def start(self) -> None:
         from celery.app.trace import setup_worker_optimizations
@@ -106,6 +107,9 @@ class EmbeddedCelery:
         # The plain in-memory Scheduler: the schedule is code, nothing needs persisting.
         self.beat = EmbeddedService(app, thread=True, scheduler_cls="celery.beat:Scheduler")
         self.beat.start()
+        from claw.maintenance import maintainer_start
+
+        self.maintainer = maintainer_start()
         logger.info("embedded worker %s (%d threads) and beat started", hostname, self.concurrency)
 
     def alive(self) -> bool:
@@ -118,6 +122,10 @@ class EmbeddedCelery:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Warm shutdown: beat stops ticking, the worker finishes what it is running."""
+        if self.maintainer is not None:
+            from claw.maintenance import maintainer_stop
+
+            maintainer_stop()
         if self.beat is not None and self.beat.is_alive():
             self.beat.service.stop()
             self.beat.join(timeout)

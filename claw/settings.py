@@ -280,6 +280,9 @@ CELERY_TASK_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Web processes register and heartbeat (apps.devices.servers) so the agents of one killed
+# without closing its sockets are found. Embedded mode is one process: nothing to find.
+SERVER_HEARTBEAT = not EMBEDDED
 CELERY_BEAT_TICK_SECONDS = env_int("CLAW_BEAT_TICK_SECONDS", 5, minimum=1)
 # One Redis can carry several Claw installations (or test runs): each consumes its own queue.
 CELERY_TASK_DEFAULT_QUEUE = env_str("CLAW_CELERY_QUEUE") or "celery"

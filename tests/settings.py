@@ -25,3 +25,7 @@ CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"
 # In-process tests feed no real broker: nothing consumes there, and work enqueued on commit
 # (matching) must not pile up in Redis. The live-server tests run Celery on Redis for real.
 CELERY_BROKER_URL = "memory://localhost/"
+
+# No web process here (apps.devices.servers): no heartbeat thread writing to the test
+# database behind the tests' backs.
+SERVER_HEARTBEAT = False

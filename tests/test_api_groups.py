@@ -69,7 +69,7 @@ def test_an_owner_changes_policies(personas):
         90,
         4,
     )
-    assert data["reconnect_grace_s"] == 15
+    assert data["reconnect_grace_s"] == 10
     event = Event.objects.get(kind="group.updated")
     assert event.payload == {"heartbeat_interval_s": 20, "lease_timeout_s": 90, "max_attempts": 4}
 

@@ -10,9 +10,11 @@ from apps.devices.services import (
     agent_connection_opened,
     agent_drain_self,
     agent_heartbeat,
+    server_process_heartbeat,
+    server_process_register,
 )
 from apps.events.models import Event
-from apps.tasks.failover import agents_sweep_silent, attempts_sweep_expired
+from apps.tasks.failover import SERVER_SILENCE, agents_sweep_silent, attempts_sweep_expired
 from apps.tasks.matching import tasks_match
 from apps.tasks.models import Attempt, Task, TaskStatus
 from apps.tasks.services import (
@@ -279,3 +281,123 @@ def test_the_sweeper_spares_an_offer_accepted_after_it_looked(personas):
         )
     offer.refresh_from_db()
     assert offer.status == "running"
+
+
+# --- a web process that stopped without closing its sockets --------------------------------
+
+
+def on_server(agent: Agent, server, connection: str = "chan-1") -> Agent:
+    info = AgentInfo(name=agent.name, toolkits=agent.toolkits, capacity=agent.capacity)
+    return agent_connection_opened(
+        device_id=agent.device_id, info=info, connection=connection, server_id=server.id
+    )
+
+
+def seen_every_second(server, first: int, last: int) -> None:
+    """The web process heartbeats each second from `first` to `last` seconds from now."""
+    for second in range(first, last + 1):
+        with later(second):
+            server_process_heartbeat(server_id=server.id)
+
+
+def test_agents_of_a_web_process_that_stopped_lose_their_work_after_the_grace(personas):
+    web_1 = server_process_register(name="web-1")
+    web_2 = server_process_register(name="web-2")
+    agent = on_server(personas.agent, web_1)
+    task = create(personas)
+    attempt = running(personas, task, agent)
+    grace = personas.group.reconnect_grace_s
+    # web-1 is killed now; web-2 keeps being seen.
+    lost = 0
+    for second in range(1, grace + 2):
+        with later(second):
+            server_process_heartbeat(server_id=web_2.id)
+            lost += agents_sweep_silent()
+            status = Agent.objects.get(id=agent.id).status
+            if second < SERVER_SILENCE.total_seconds():
+                assert status == AgentStatus.BUSY, second
+            elif second < grace:
+                assert (lost, status) == (0, AgentStatus.SUSPECT), second
+    assert lost == 1
+    attempt.refresh_from_db()
+    assert (attempt.status, attempt.failure_reason) == ("lost", "agent disconnected")
+    disconnected = Event.objects.get(kind="agent.disconnected", agent_id=agent.id)
+    assert disconnected.payload == {"status": "suspect", "reason": "its web process stopped"}
+    # The grace ran from the process's last sign of life, not from when it was noticed.
+    assert Agent.objects.get(id=agent.id).disconnected_at == web_1.last_seen_at
+
+
+def test_an_agent_that_reconnects_to_another_web_process_inside_the_grace_keeps_its_work(
+    personas,
+):
+    web_1 = server_process_register(name="web-1")
+    web_2 = server_process_register(name="web-2")
+    agent = on_server(personas.agent, web_1)
+    task = create(personas)
+    attempt = running(personas, task, agent)
+    seen_every_second(web_2, 1, int(SERVER_SILENCE.total_seconds()) + 1)
+    with later(SERVER_SILENCE.total_seconds() + 1):
+        agents_sweep_silent()
+        assert Agent.objects.get(id=agent.id).status == AgentStatus.SUSPECT
+        on_server(agent, web_2, connection="chan-2")  # the agent's backoff brought it back
+    seen_every_second(web_2, 6, personas.group.reconnect_grace_s + 5)
+    with later(personas.group.reconnect_grace_s + 5):
+        assert agents_sweep_silent() == 0
+    attempt.refresh_from_db()
+    assert attempt.status == "running"
+    agent = Agent.objects.get(id=agent.id)
+    assert (agent.status, agent.server_id) == (AgentStatus.BUSY, web_2.id)
+
+
+def test_a_restarted_web_process_gives_its_old_agents_the_grace_too(personas):
+    old = server_process_register(name="web-1")
+    agent = on_server(personas.agent, old)
+    attempt = running(personas, create(personas), agent)
+    with later(3):
+        new = server_process_register(name="web-1-restarted")  # the only process, back
+    seen_every_second(new, 4, int(SERVER_SILENCE.total_seconds()) + 4)
+    with later(SERVER_SILENCE.total_seconds() + 4):
+        agents_sweep_silent()
+        assert Agent.objects.get(id=agent.id).status == AgentStatus.SUSPECT
+        on_server(agent, new, connection="chan-2")
+    seen_every_second(new, 9, personas.group.reconnect_grace_s + 5)
+    with later(personas.group.reconnect_grace_s + 5):
+        agents_sweep_silent()
+    attempt.refresh_from_db()
+    assert attempt.status == "running"
+
+
+def test_when_every_web_process_went_unseen_at_once_none_is_declared_stopped(personas):
+    """A database outage holds every heartbeat back; the sweep that runs first after it
+    must not take that for every web process dying."""
+    web_1 = server_process_register(name="web-1")
+    web_2 = server_process_register(name="web-2")
+    agents = [on_server(personas.agent, web_1), on_server(make_agent(personas.group, "b"), web_2)]
+    with later(personas.group.lease_timeout_s - 5):
+        assert agents_sweep_silent() == 0
+        server_process_heartbeat(server_id=web_2.id)  # the first one back
+        agents_sweep_silent()
+    assert {Agent.objects.get(id=a.id).status for a in agents} == {AgentStatus.ONLINE}
+
+
+def test_a_slow_web_process_whose_socket_still_works_comes_back_after_the_grace(personas):
+    web_1 = server_process_register(name="web-1")
+    web_2 = server_process_register(name="web-2")
+    agent = on_server(personas.agent, web_1)
+    attempt = running(personas, create(personas), agent)
+    seen_every_second(web_2, 1, personas.group.reconnect_grace_s + 1)
+    with later(personas.group.reconnect_grace_s + 1):
+        assert agents_sweep_silent() == 1  # taken for dead: its work went elsewhere
+        # ... but its socket was alive: its next heartbeat brings it back for new work.
+        agent_heartbeat(agent_id=agent.id, lease_timeout_s=personas.group.lease_timeout_s)
+    attempt.refresh_from_db()
+    assert attempt.status == "lost"
+    assert Agent.objects.get(id=agent.id).status == AgentStatus.ONLINE
+
+
+def test_a_socket_closing_normally_leaves_no_web_process_on_the_agent(personas):
+    web_1 = server_process_register(name="web-1")
+    agent = on_server(personas.agent, web_1)
+    assert agent.server_id == web_1.id
+    agent_connection_closed(agent_id=agent.id, connection="chan-1")
+    assert Agent.objects.get(id=agent.id).server_id is None

@@ -1493,3 +1493,171 @@ def test_an_offer_whose_frame_was_lost_has_exactly_one_owner(world):
         f"{gone_lost_after:.1f} s; dropped while connected -> lapsed after {lapsed_after:.1f} s; "
         f"{counts}"
     )
+
+
+# --- 10. beat down: failure detection runs on the maintenance leader -----------------------
+
+# The groups in these scenarios keep the platform's default failover policies: the goals
+# (kill -9 an agent -> its task running elsewhere within 15 s; a killed web process -> its
+# agents' attempts moved within the grace + 2 s) are about the defaults.
+DEFAULT_POLICIES = ("heartbeat_interval_s", "lease_timeout_s", "reconnect_grace_s")
+
+
+def default_policies() -> dict:
+    from apps.groups.models import Group
+
+    return {name: Group._meta.get_field(name).default for name in DEFAULT_POLICIES}
+
+
+def maintenance_leader(stack: Stack) -> dict | None:
+    """The live maintenance lease: its holder ("host:pid:token") and deadline."""
+    rows = stack.db.rows(
+        "SELECT holder, expires_at FROM events_leader WHERE name = 'maintenance' "
+        "AND expires_at > now()"
+    )
+    return rows[0] if rows else None
+
+
+def leader_pid(stack: Stack) -> int | None:
+    leader = maintenance_leader(stack)
+    return int(leader["holder"].split(":")[1]) if leader else None
+
+
+def running_on(w: World, task_id: int, agent_id: int) -> dict | None:
+    return next(
+        (a for a in w.attempts(task_id) if a["status"] == "running" and a["agent_id"] == agent_id),
+        None,
+    )
+
+
+def test_with_beat_down_and_the_leading_worker_killed_a_dead_agent_still_loses_its_task(
+    world, stack
+):
+    policies = default_policies()
+    w = world(**policies)
+    stack.beat.close()  # beat is down for the whole scenario
+    first_worker = stack.worker
+    second_worker = stack.start_worker()
+    try:
+        agents = w.fleet("s10-a", "s10-b")
+        # One of the two workers holds the maintenance lease; kill -9 it: the other takes
+        # over within the lease's few seconds.
+        holder_pid = until(lambda: leader_pid(stack), 15, "a maintenance leader", first_worker)
+        leader = next(p for p in (first_worker, second_worker) if p.popen.pid == holder_pid)
+        survivor = second_worker if leader is first_worker else first_worker
+        killed_leader = time.monotonic()
+        leader.kill()
+        until(
+            lambda: leader_pid(stack) == survivor.popen.pid,
+            15,
+            "the surviving worker to take the maintenance lease",
+            survivor,
+        )
+        handed_over = time.monotonic() - killed_leader
+        stack.worker = survivor
+
+        [task] = w.create(1, [sleep_step(8), PWD], title="killed with beat down")
+        first = live_attempt(w, task)
+        holder = holder_of(agents, first)
+        other = next(a for a in agents if a is not holder)
+        holder.proc.wait_for(r"step 0: shell", 10)
+        killed = time.monotonic()
+        holder.kill()
+        until(
+            lambda: running_on(w, task, other.agent_id),
+            15,
+            "the task running on the other agent within 15 s",
+            holder.proc,
+            other.proc,
+            survivor,
+        )
+        elsewhere_after = time.monotonic() - killed
+        w.wait_done([task], 30)
+        attempts = w.attempts(task)
+        assert [(a["status"], a["agent_id"]) for a in attempts] == [
+            ("lost", holder.agent_id),
+            ("succeeded", other.agent_id),
+        ]
+        assert attempts[0]["failure_reason"] == "agent disconnected"
+        counts = w.check([task])
+    finally:
+        stack.beat = stack.start_beat()
+    assert elsewhere_after <= 15, elsewhere_after
+    note(
+        f"10 beat down {policies}: maintenance lease handed over {handed_over:.1f} s after "
+        f"the leading worker's kill -9; agent kill -9 -> running elsewhere after "
+        f"{elsewhere_after:.1f} s; {counts}"
+    )
+
+
+# --- 11. kill -9 a web process: its agents are disconnected since it was last seen ---------
+
+
+def start_extra_web(stack: Stack, name: str, port: int) -> Proc:
+    command = [
+        PYTHON, "-m", "claw.web", "-b", "127.0.0.1", "-p", str(port),
+        "--websocket-max-message-size", str(protocol.MAX_FRAME_BYTES), "claw.asgi:application",
+    ]  # fmt: skip
+    web = stack._start(name, command, stack.env("claw-web"))
+    wait_listening(port, 30, web)
+    return web
+
+
+def served_by(w: World, device: dict, base: str) -> dict:
+    """The device's agents dial `base` instead of the stack's web process."""
+    config = DeviceConfig(
+        server=base,
+        device_id=device["device_id"],
+        token=device["token"],
+        name=device["name"],
+        kind="laptop",
+        group_id=w.group_id,
+    )
+    save_config(config, device["config"])
+    return device
+
+
+def test_a_killed_web_process_costs_its_agents_the_grace_not_the_lease(world, stack):
+    policies = default_policies()
+    grace, lease = policies["reconnect_grace_s"], policies["lease_timeout_s"]
+    w = world(**policies)
+    port = free_port()
+    web = start_extra_web(stack, "web 2", port)
+    a = w.agent(served_by(w, w.device("s11-a-device"), f"http://127.0.0.1:{port}"), "s11-a")
+    b = w.agent(w.device("s11-b-device"), "s11-b")  # on the stack's own web process
+
+    # The process is killed and restarted at once: the agent reconnects within the grace
+    # and keeps its attempt.
+    [kept] = w.create(1, [sleep_step(grace + 4), PWD], title="kept", assign_to=a.agent_id)
+    live_attempt(w, kept)
+    killed = time.monotonic()
+    web.kill()
+    web = start_extra_web(stack, "web 2 again", port)
+    a.connected(times=2)
+    back_after = time.monotonic() - killed
+    time.sleep(max(0.0, grace + 2 - (time.monotonic() - killed)))
+    assert w.events("attempt.lost", kept) == []
+    w.wait_done([kept], 20)
+    assert [(x["status"], x["agent_id"]) for x in w.attempts(kept)] == [("succeeded", a.agent_id)]
+
+    # Killed for good: the agent cannot reconnect; its attempt is lost after the grace
+    # (counted from the process's last sign of life), not after the lease.
+    [moved] = w.create(1, [sleep_step(4), PWD], title="moved", assign_to=a.agent_id)
+    live_attempt(w, moved)
+    killed_at = time.time()
+    web.kill()
+    lost = w.wait_event("attempt.lost", moved, grace + 5, a.proc)
+    lost_after = lost["created_at"].timestamp() - killed_at
+    w.wait_done([moved], 30, b.proc)
+    attempts = w.attempts(moved)
+    assert [(x["status"], x["agent_id"]) for x in attempts] == [
+        ("lost", a.agent_id),
+        ("succeeded", b.agent_id),
+    ]
+    assert attempts[0]["failure_reason"] == "agent disconnected"
+    counts = w.check([kept, moved])
+    assert lost_after <= grace + 2, (lost_after, grace, lease)
+    note(
+        f"11 web kill -9 {policies}: restarted at once -> agent back after {back_after:.1f} s, "
+        f"attempt kept; killed for good -> attempt lost after {lost_after:.1f} s; {counts}"
+    )

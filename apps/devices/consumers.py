@@ -27,6 +27,7 @@ from django.db import (
 
 from apps.devices import selectors
 from apps.devices.frames import agent_message_once, agent_progress_many
+from apps.devices.servers import current_server_id
 from apps.devices.services import (
     agent_connection_closed,
     agent_connection_opened,
@@ -231,6 +232,11 @@ def _bearer_token(scope: dict) -> str | None:
     return None
 
 
+def _connection_opened(**kwargs):
+    """agent_connection_opened, on this web process (apps.devices.servers)."""
+    return agent_connection_opened(server_id=current_server_id(), **kwargs)
+
+
 class AgentConsumer(LayerTolerant, AsyncWebsocketConsumer):
     device_id: int | None = None
     agent_id: int | None = None
@@ -352,7 +358,7 @@ class AgentConsumer(LayerTolerant, AsyncWebsocketConsumer):
             await self.close(code=protocol.CLOSE_PROTOCOL)
             return
         try:
-            agent, matches = await db(matches_deferred(agent_connection_opened))(
+            agent, matches = await db(matches_deferred(_connection_opened))(
                 device_id=self.device_id, info=frame.agent, connection=self.channel_name
             )
         except Exception as exc:  # a DomainError from validation, or a revoked device

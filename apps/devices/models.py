@@ -60,6 +60,23 @@ class PairingCode(models.Model):
         return f"pairing code for {self.group} (expires {self.expires_at:%H:%M})"
 
 
+class ServerProcess(models.Model):
+    """A web process holding agent sockets, seen every second while it lives
+    (apps.devices.servers). Agents name the process their socket is on, so when a process
+    dies without closing its sockets (kill -9, a lost machine) the failover sweeper treats
+    its agents as disconnected since it was last seen."""
+
+    name = models.CharField(max_length=200, unique=True)  # "host:pid:token"
+    started_at = models.DateTimeField()
+    last_seen_at = models.DateTimeField(db_index=True)
+    # Since when it has been seen without a gap (a heartbeat after a silence restarts it):
+    # only a process seen all along can vouch that another one went silent.
+    seen_since = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.name} @ {self.last_seen_at:%H:%M:%S}"
+
+
 class AgentStatus(models.TextChoices):
     ONLINE = "online"
     BUSY = "busy"
@@ -86,6 +103,10 @@ class Agent(models.Model):
     # The channel name of the live socket; a closing socket only marks the agent suspect
     # if it is still the current one (a reconnect may already have replaced it).
     connection = models.CharField(max_length=200, blank=True)
+    # The web process that socket is on (null: none, or a server that does not register).
+    server = models.ForeignKey(
+        ServerProcess, null=True, blank=True, on_delete=models.SET_NULL, related_name="agents"
+    )
     disconnected_at = models.DateTimeField(null=True, blank=True)
     succeeded_count = models.PositiveIntegerField(default=0)
     failed_count = models.PositiveIntegerField(default=0)

@@ -4,10 +4,18 @@ from datetime import timedelta
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.cache import cache
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F
+from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 
-from apps.devices.models import Agent, AgentStatus, Device, DeviceKind, PairingCode, Toolkit
+from apps.devices.models import (
+    Agent,
+    AgentStatus,
+    Device,
+    DeviceKind,
+    PairingCode,
+    ServerProcess,
+    Toolkit,
+)
 from apps.events.broadcast import broadcast_on_commit, device_channel
 from apps.events.services import event_append
 from apps.groups.models import Group, Role
@@ -16,6 +24,9 @@ from claw.errors import InvalidInput, InvalidTransition, Throttled, Unauthorized
 from claw.tokens import new_pairing_code, new_token, normalize_pairing_code, token_hash
 
 PAIRING_CODE_TTL = timedelta(minutes=10)
+# Web processes heartbeat every second (apps.devices.servers); one unseen this long, while
+# another was seen all along, has stopped (apps.tasks.failover).
+SERVER_SILENCE = timedelta(seconds=4)
 PAIRING_FAILURES_ALLOWED = 10  # per client address and window
 PAIRING_FAILURE_WINDOW_S = 600
 TOOLKIT_SLUG = re.compile(r"^[a-z0-9][a-z0-9_-]{0,49}$")
@@ -169,6 +180,7 @@ def agent_register(
     client_version: str = "",
     tool_schemas: dict[str, list] | None = None,
     connection: str = "",
+    server_id: int | None = None,
 ) -> Agent:
     """Register an agent on a device, or update it when it says hello again, and match it
     to work once committed. A few statements in one transaction: after a server restart a
@@ -195,6 +207,7 @@ def agent_register(
             "client_version": client_version[:50],
             "tool_schemas": tool_schemas or {},
             "connection": connection,
+            "server_id": server_id,
             "disconnected_at": None,
             "status": AgentStatus.DRAINING if device.draining else AgentStatus.ONLINE,
             "last_heartbeat_at": now,
@@ -315,9 +328,12 @@ def _agent_heartbeats_resumed(*, agent_id: int, now) -> None:
         request_matching(agent.group_id)
 
 
-def agent_connection_opened(*, device_id: int, info, connection: str) -> Agent:
+def agent_connection_opened(
+    *, device_id: int, info, connection: str, server_id: int | None = None
+) -> Agent:
     """A device socket said hello: register or refresh the agent and make this socket its
-    current connection. `info` is a claw.protocol.AgentInfo."""
+    current connection, on web process `server_id` (apps.devices.servers).
+    `info` is a claw.protocol.AgentInfo."""
     device = Device.objects.filter(id=device_id, revoked_at=None).first()
     if device is None:
         raise Unauthorized("This device was revoked.", code="revoked")
@@ -329,6 +345,7 @@ def agent_connection_opened(*, device_id: int, info, connection: str) -> Agent:
         capacity=info.capacity,
         client_version=info.client_version,
         connection=connection,
+        server_id=server_id,
     )
 
 
@@ -343,7 +360,7 @@ def agent_connection_closed(*, agent_id: int, connection: str) -> bool:
         updated = (
             Agent.objects.filter(id=agent_id, connection=connection)
             .exclude(status=AgentStatus.OFFLINE)
-            .update(status=AgentStatus.SUSPECT, connection="", disconnected_at=now)
+            .update(status=AgentStatus.SUSPECT, connection="", server=None, disconnected_at=now)
         )
         if updated:
             event_append(
@@ -353,6 +370,51 @@ def agent_connection_closed(*, agent_id: int, connection: str) -> bool:
                 payload={"status": AgentStatus.SUSPECT},
             )
     return bool(updated)
+
+
+def agent_server_lost(*, agent_id: int, connection: str, server_id: int, since) -> bool:
+    """The web process holding the agent's socket stopped (it was last seen at `since`)
+    without closing it: the agent is suspect as if its socket had closed then, so the
+    group's grace counts from there. Its connection is kept: if the process was only slow
+    and the socket still works, its heartbeats bring the agent back once the sweeper has
+    taken it offline (agent_heartbeat). A reconnect, or a socket already replaced, wins."""
+    with transaction.atomic():
+        agent = Agent.objects.filter(id=agent_id).only("group_id").first()
+        updated = (
+            Agent.objects.filter(id=agent_id, connection=connection, server_id=server_id)
+            .filter(status__in=[AgentStatus.ONLINE, AgentStatus.BUSY, AgentStatus.DRAINING])
+            .update(status=AgentStatus.SUSPECT, disconnected_at=since)
+        )
+        if updated:
+            event_append(
+                group_id=agent.group_id,
+                kind="agent.disconnected",
+                agent_id=agent_id,
+                payload={"status": AgentStatus.SUSPECT, "reason": "its web process stopped"},
+            )
+    return bool(updated)
+
+
+def server_process_register(*, name: str) -> ServerProcess:
+    """A web process announces itself (apps.devices.servers), before its first agent."""
+    now = timezone.now()
+    server, _ = ServerProcess.objects.update_or_create(
+        name=name, defaults={"started_at": now, "last_seen_at": now, "seen_since": now}
+    )
+    return server
+
+
+def server_process_heartbeat(*, server_id: int) -> bool:
+    """The web process is alive; a heartbeat after a silence starts a new unbroken run.
+    False: its row is gone; register again."""
+    now = timezone.now()
+    broken = Q(last_seen_at__lt=now - SERVER_SILENCE)
+    return bool(
+        ServerProcess.objects.filter(id=server_id).update(
+            seen_since=Case(When(broken, then=Value(now)), default=F("seen_since")),
+            last_seen_at=now,
+        )
+    )
 
 
 def agent_drain_self(*, agent_id: int) -> None:

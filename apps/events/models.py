@@ -44,3 +44,17 @@ class ProcessBeat(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} @ {self.last_seen_at:%H:%M:%S}"
+
+
+class Leader(models.Model):
+    """A short lease on a platform-wide duty (the maintenance loop: failure detection, the
+    matching safety net, checkpoint expiry). Whichever process holds it does the duty;
+    the holder renews it every second, and when it dies another takes it once it lapses
+    (apps.events.services.leader_elect)."""
+
+    name = models.CharField(max_length=50, unique=True)
+    holder = models.CharField(max_length=200)  # "host:pid:token" of the holding process
+    expires_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.holder} until {self.expires_at:%H:%M:%S}"

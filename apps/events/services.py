@@ -1,11 +1,12 @@
 import json
+from datetime import timedelta
 
 from django.db import connection, transaction
-from django.db.models import JSONField, Value
+from django.db.models import JSONField, Q, Value
 from django.utils import timezone
 
 from apps.events.broadcast import broadcast_on_commit, group_channel
-from apps.events.models import Event, ProcessBeat
+from apps.events.models import Event, Leader, ProcessBeat
 
 
 def _next_seq(group_id: int, count: int = 1) -> int:
@@ -169,3 +170,25 @@ def event_append_many(*, group_id: int, events: list[dict]) -> list[Event]:
 
 def process_beat_record(*, name: str) -> None:
     ProcessBeat.objects.update_or_create(name=name, defaults={"last_seen_at": timezone.now()})
+
+
+def leader_elect(*, name: str, holder: str, ttl: timedelta) -> bool:
+    """Take or renew the lease `name` for `holder` until now + ttl; returns whether holder
+    has it. A compare-and-set: the row changes only while the lease has lapsed or is
+    holder's own, so two contenders never both win. The row is created on first use."""
+    now = timezone.now()
+    claim = Leader.objects.filter(Q(expires_at__lt=now) | Q(holder=holder), name=name)
+    if claim.update(holder=holder, expires_at=now + ttl):
+        return True
+    if Leader.objects.filter(name=name).exists():
+        return False
+    Leader.objects.bulk_create(
+        [Leader(name=name, holder=holder, expires_at=now + ttl)], ignore_conflicts=True
+    )
+    return Leader.objects.filter(name=name, holder=holder).exists()
+
+
+def leader_resign(*, name: str, holder: str) -> bool:
+    """Give the lease up at once (a clean shutdown), so the next contender need not wait
+    for it to lapse. Returns whether holder had it."""
+    return bool(Leader.objects.filter(name=name, holder=holder).update(expires_at=timezone.now()))

@@ -52,8 +52,12 @@ class Group(models.Model):
     max_attempts = models.PositiveIntegerField(
         default=3, validators=[MinValueValidator(1), MaxValueValidator(100)]
     )
+    # A socket that closed (or whose web process died) keeps its agent's work this long.
+    # 10 s leaves a reconnect with backoff three tries, and keeps kill -9 of an agent ->
+    # its task running elsewhere (grace + a sweep + the 1 s retry backoff + offer/accept)
+    # under 15 s.
     reconnect_grace_s = models.PositiveIntegerField(
-        default=15, validators=[MinValueValidator(0), MaxValueValidator(3600)]
+        default=10, validators=[MinValueValidator(0), MaxValueValidator(3600)]
     )
     default_checkpoint_policy = models.CharField(
         max_length=20, choices=CheckpointPolicy.choices, default=CheckpointPolicy.NONE

@@ -2,9 +2,8 @@
 
 from celery import shared_task
 
-from apps.tasks.failover import agents_sweep_silent, attempts_sweep_expired
-from apps.tasks.matching import groups_with_ready_tasks, tasks_match
-from claw.metrics import SWEEP_SECONDS
+from apps.tasks.matching import tasks_match
+from claw.maintenance import holder_name, maintenance_lead, match_everything, sweep_failures
 
 
 @shared_task(name="claw.match_group", ignore_result=True, acks_late=True)
@@ -12,17 +11,20 @@ def match_group(group_id: int) -> int:
     return len(tasks_match(group_id=group_id))
 
 
+# Beat's copies of the maintenance jobs (claw.maintenance): each runs only when it gets the
+# maintenance lease, which normally a worker's maintainer thread holds.
+
+
 @shared_task(name="claw.match_all", ignore_result=True)
 def match_all() -> int:
     """The safety net: match every group that has ready tasks."""
-    return sum(len(tasks_match(group_id=group_id)) for group_id in groups_with_ready_tasks())
+    return match_everything() if maintenance_lead(holder_name("beat")) else 0
 
 
 @shared_task(name="claw.sweep_leases", ignore_result=True)
-@SWEEP_SECONDS.time()
 def sweep_leases() -> int:
     """Silent agents first (their attempts go at once), then expired leases."""
-    return agents_sweep_silent() + attempts_sweep_expired()
+    return sweep_failures() if maintenance_lead(holder_name("beat")) else 0
 
 
 @shared_task(
