@@ -1,10 +1,13 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
-from django.urls import include, path
+from django.urls import include, path, register_converter
 
 from claw.api import api
 from claw.health import healthz
+from claw.schema import IdConverter
 from claw.views import home
+
+register_converter(IdConverter, "id")
 
 urlpatterns = [
     path("", home, name="home"),

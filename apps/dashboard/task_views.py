@@ -49,6 +49,7 @@ from apps.tasks.selectors import artifacts_for_task, task_get_for_user, tasks_fo
 from apps.tasks.services import task_cancel, task_create, task_retry
 from claw import llm
 from claw.errors import DomainError, Forbidden, NotFound
+from claw.schema import DB_INT_MAX
 
 # Board columns in the order work flows; a status added to TaskStatus later gets a column
 # at the end rather than no column.
@@ -94,7 +95,7 @@ def _int(value: object) -> int | None:
         number = int(str(value))
     except (TypeError, ValueError):
         return None
-    return number if number > 0 else None
+    return number if 0 < number <= DB_INT_MAX else None
 
 
 # --- the board ---------------------------------------------------------------------------
@@ -120,7 +121,7 @@ class BoardFilters:
             device=_int(data.get("device")),
             parent=_int(data.get("parent")),
             status=status if status in TaskStatus.values else "",
-            page=_int(data.get("page")) or 1,
+            page=min(_int(data.get("page")) or 1, DB_INT_MAX // LIST_PAGE),
         )
 
     def params(self) -> dict[str, str]:

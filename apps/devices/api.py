@@ -32,6 +32,7 @@ from apps.devices.skills import (
 )
 from apps.groups.api import InSchema
 from apps.groups.selectors import group_get_for_user
+from claw.schema import Id, NonNegative
 
 router = Router()
 
@@ -112,13 +113,13 @@ def device_pair_view(request: HttpRequest, payload: PairIn):
 
 
 @router.post("/devices/{int:device_id}/revoke", response=DeviceOut)
-def device_revoke_view(request: HttpRequest, device_id: int):
+def device_revoke_view(request: HttpRequest, device_id: Id):
     device = device_get_for_user(user=request.auth, device_id=device_id)
     return device_revoke(actor=request.auth, device=device)
 
 
 @router.post("/devices/{int:device_id}/drain", response=DeviceOut)
-def device_drain(request: HttpRequest, device_id: int, payload: DrainIn):
+def device_drain(request: HttpRequest, device_id: Id, payload: DrainIn):
     device = device_get_for_user(user=request.auth, device_id=device_id)
     return device_set_draining(actor=request.auth, device=device, draining=payload.draining)
 
@@ -130,7 +131,7 @@ def agent_list(request: HttpRequest, slug: str):
 
 
 @router.post("/agents/{int:agent_id}/drain", response=AgentOut)
-def agent_drain(request: HttpRequest, agent_id: int, payload: DrainIn):
+def agent_drain(request: HttpRequest, agent_id: Id, payload: DrainIn):
     agent = agent_get_for_user(user=request.auth, agent_id=agent_id)
     return agent_set_draining(actor=request.auth, agent=agent, draining=payload.draining)
 
@@ -171,9 +172,8 @@ class SkillEditIn(InSchema):
     text: str = Field(
         description=f"Markdown, at most {MAX_SKILL_CHARS} characters; empty clears the skill."
     )
-    base_version: int | None = Field(
+    base_version: NonNegative | None = Field(
         None,
-        ge=0,
         description="The version you edited (0: none); refused with 409 skill_changed "
         "when another one became current meanwhile.",
     )

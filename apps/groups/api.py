@@ -26,6 +26,7 @@ from apps.groups.services import (
     membership_remove,
     membership_set_role,
 )
+from claw.schema import Id
 
 router = Router()
 
@@ -81,7 +82,7 @@ def token_create(request: HttpRequest, payload: TokenCreateIn):
 
 
 @router.delete("/me/tokens/{int:token_id}", response={204: None})
-def token_revoke(request: HttpRequest, token_id: int):
+def token_revoke(request: HttpRequest, token_id: Id):
     api_token_revoke(user=request.auth, token_id=token_id)
     return Status(204, None)
 
@@ -223,14 +224,14 @@ def member_add(request: HttpRequest, slug: str, payload: MemberAddIn):
 
 
 @router.patch("/groups/{slug}/members/{int:user_id}", response=MemberOut)
-def member_set_role(request: HttpRequest, slug: str, user_id: int, payload: MemberRoleIn):
+def member_set_role(request: HttpRequest, slug: str, user_id: Id, payload: MemberRoleIn):
     group = group_get_for_user(user=request.auth, slug=slug, role=Role.OWNER)
     user = member_user_get(group=group, user_id=user_id)
     return membership_set_role(actor=request.auth, group=group, user=user, role=payload.role)
 
 
 @router.delete("/groups/{slug}/members/{int:user_id}", response={204: None})
-def member_remove(request: HttpRequest, slug: str, user_id: int):
+def member_remove(request: HttpRequest, slug: str, user_id: Id):
     """Owners remove anyone; every member may remove themself (leave)."""
     group = group_get_for_user(user=request.auth, slug=slug)
     user = member_user_get(group=group, user_id=user_id)
