@@ -3,7 +3,7 @@ skills (apps.devices.skills)."""
 
 from datetime import datetime
 
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from ninja import Field, File, Router, Schema, Status, UploadedFile
 
 from apps.devices.models import AgentStatus, DeviceKind, SkillSource, SkillStatus
@@ -93,14 +93,15 @@ def device_list(request: HttpRequest, slug: str):
 
 
 @router.post("/groups/{slug}/pairing-codes", response={201: PairingCodeOut})
-def pairing_code_create_view(request: HttpRequest, slug: str):
+def pairing_code_create_view(request: HttpRequest, slug: str, response: HttpResponse):
     group = group_get_for_user(user=request.auth, slug=slug)
     pairing, raw = pairing_code_create(actor=request.auth, group=group)
+    response["Cache-Control"] = "no-store"  # the raw code, shown once
     return Status(201, {"code": raw, "expires_at": pairing.expires_at})
 
 
 @router.post("/devices/pair", auth=None, response={201: PairedOut})
-def device_pair_view(request: HttpRequest, payload: PairIn):
+def device_pair_view(request: HttpRequest, payload: PairIn, response: HttpResponse):
     """Exchange a pairing code for a device token. No sign-in: the code is the credential."""
     device, raw = device_pair(
         code=payload.code,
@@ -109,6 +110,7 @@ def device_pair_view(request: HttpRequest, payload: PairIn):
         platform=payload.platform,
         client=request.META.get("REMOTE_ADDR", ""),
     )
+    response["Cache-Control"] = "no-store"  # the device token, shown once
     return Status(201, {"device": device, "group_id": device.group_id, "token": raw})
 
 

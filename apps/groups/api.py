@@ -3,7 +3,7 @@
 from datetime import datetime
 from typing import Literal
 
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from ninja import Field, Router, Schema, Status
 from pydantic import ConfigDict, model_validator
 
@@ -76,8 +76,9 @@ def token_list(request: HttpRequest):
 
 
 @router.post("/me/tokens", response={201: TokenCreatedOut})
-def token_create(request: HttpRequest, payload: TokenCreateIn):
+def token_create(request: HttpRequest, payload: TokenCreateIn, response: HttpResponse):
     token, raw = api_token_create(user=request.auth, name=payload.name)
+    response["Cache-Control"] = "no-store"  # the raw token, shown once
     return Status(201, TokenCreatedOut(**TokenOut.model_validate(token).model_dump(), token=raw))
 
 
