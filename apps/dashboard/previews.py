@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from django.utils.safestring import SafeString, mark_safe
 
+from apps.tasks.downloads import INLINE_IMAGE_TYPES
 from apps.tasks.models import Artifact, ArtifactKind
 
 logger = logging.getLogger(__name__)
@@ -19,7 +20,6 @@ MAX_ROWS = 50
 MAX_COLUMNS = 30
 MAX_CELL = 200
 # Raster images only: an SVG can carry scripts.
-INLINE_IMAGE_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp"}
 XLSX_TYPE = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 
 

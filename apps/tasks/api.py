@@ -3,7 +3,7 @@
 from datetime import datetime
 from typing import Annotated, Any
 
-from django.http import FileResponse, HttpRequest
+from django.http import HttpRequest
 from django.urls import reverse
 from ninja import Field, File, Form, Query, Router, Schema, Status, UploadedFile
 from ninja.errors import AuthenticationError
@@ -13,6 +13,7 @@ from apps.devices.models import Device
 from apps.groups.api import InSchema
 from apps.groups.models import CheckpointPolicy, DependencyFailurePolicy
 from apps.groups.selectors import group_get_for_user
+from apps.tasks.downloads import artifact_file_response
 from apps.tasks.models import ArtifactKind, AttemptStatus, TaskStatus
 from apps.tasks.planner import plan_request
 from apps.tasks.selectors import (
@@ -319,11 +320,7 @@ def artifact_detail(request: HttpRequest, artifact_id: Id):
 
 @artifacts_router.get("/artifacts/{int:artifact_id}/download", url_name="artifact_download")
 def artifact_download(request: HttpRequest, artifact_id: Id):
-    """The file itself, as an attachment with its stored content type."""
+    """The file itself, as an attachment with its stored content type (application/
+    octet-stream for types a browser would run, such as HTML and SVG)."""
     artifact = artifact_get_for_user(user=request.auth, artifact_id=artifact_id)
-    return FileResponse(
-        artifact.file.open("rb"),
-        as_attachment=True,
-        filename=artifact.name,
-        content_type=artifact.content_type,
-    )
+    return artifact_file_response(artifact)
