@@ -3,12 +3,16 @@ once, and while streaming as soon as the limit is passed. Through claw.asgi.appl
 itself, with a client that streams its body one MiB at a time."""
 
 import asyncio
+import contextlib
 import json
+import socket
+import threading
 
 import pytest
 from django.test import override_settings
 
 from claw.asgi import application
+from tests.live import PYTHON, child_env, free_port, running, wait_listening
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -92,3 +96,56 @@ async def test_bodies_within_the_limit_reach_django():
     )
 
     assert small["status"] == 401 and document["status"] == 401  # Django's answers
+
+
+# --- through a real Daphne (python -m claw.web), which reads bodies before the app ---------
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory):
+    port = free_port()
+    env = child_env(
+        DJANGO_SETTINGS_MODULE="claw.settings",
+        CLAW_DATA_DIR=str(tmp_path_factory.mktemp("bodylimit")),
+    )
+    command = [PYTHON, "-m", "claw.web", "-b", "127.0.0.1", "-p", str(port)]
+    with running("web", [*command, "claw.asgi:application"], env) as proc:
+        wait_listening(port, 30, proc)
+        yield port
+        assert not [line for line in proc.lines if "Traceback" in line], proc.output()
+
+
+def stream_upload(port: int, *, mib: int, chunked: bool, path: str = UPLOAD) -> tuple[int, bytes]:
+    """Send up to `mib` MiB while watching for an answer; (MiB sent before it came, it)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    head += "Transfer-Encoding: chunked\r\n" if chunked else f"Content-Length: {mib * MiB}\r\n"
+    answer: list[bytes] = []
+    reader = threading.Thread(target=lambda: answer.append(sock.recv(4096)), daemon=True)
+    reader.start()
+    sent = 0
+    with sock:
+        sock.sendall(head.encode() + b"\r\n")
+        with contextlib.suppress(OSError):  # the server may cut the connection once it answered
+            while sent < mib and not answer:
+                sock.sendall(b"%x\r\n%s\r\n" % (MiB, CHUNK) if chunked else CHUNK)
+                sent += 1
+            if chunked:
+                sock.sendall(b"0\r\n\r\n")
+        reader.join(10)
+    return sent, answer[0] if answer else b""
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_daphne_answers_413_while_a_300_mib_upload_is_still_being_sent(web, chunked):
+    sent, answer = stream_upload(web, mib=300, chunked=chunked)
+
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    assert b'"code": "too_large"' in answer
+    assert sent <= 60  # refused at the 50 MiB limit (a declared length: at once), not at 300
+
+
+def test_daphne_passes_a_body_within_the_limit_to_django(web):
+    sent, answer = stream_upload(web, mib=1, chunked=False, path="/api/v1/groups/x/tasks")
+
+    assert sent == 1 and answer.startswith(b"HTTP/1.1 401"), answer
