@@ -7,6 +7,7 @@ import logging
 
 from django.core.exceptions import ObjectDoesNotExist, RequestDataTooBig
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseNotAllowed
+from django.http.multipartparser import MultiPartParserError
 from django.urls import URLPattern
 from ninja import NinjaAPI, Router
 from ninja.errors import AuthenticationError, AuthorizationError, HttpError, ValidationError
@@ -206,6 +207,16 @@ def on_not_found(request: HttpRequest, exc: Exception) -> HttpResponse:
 def on_too_big(request: HttpRequest, exc: RequestDataTooBig) -> HttpResponse:
     return error_response(
         request, status=413, code="too_large", message="The request body is too large."
+    )
+
+
+@api.exception_handler(MultiPartParserError)
+def on_bad_multipart(request: HttpRequest, exc: MultiPartParserError) -> HttpResponse:
+    return error_response(
+        request,
+        status=400,
+        code="bad_multipart",
+        message=f"The multipart/form-data body cannot be read: {exc}",
     )
 
 

@@ -74,10 +74,12 @@ APPLICATION_CLOSE_TIMEOUT_S = 60
 def _serve_embedded(*, host: str, port: int, banner: str, on_ready=None, before_stop=None) -> int:
     import asyncio
 
+    from claw.bodylimit import daphne_refuses_large_bodies
     from claw.web import sending_at_once, server_class, without_tls
 
     without_tls()
     sending_at_once()
+    daphne_refuses_large_bodies()
     from daphne.endpoints import build_endpoint_description_strings
     from twisted.internet import reactor, task, threads
 

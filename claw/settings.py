@@ -141,7 +141,9 @@ def redis_url_checked(url: str) -> str:
 
 DATA_DIR = Path(env_str("CLAW_DATA_DIR") or BASE_DIR / "var")
 PRODUCTION = env_bool("CLAW_PRODUCTION", False)
-DEBUG = env_bool("CLAW_DEBUG", not PRODUCTION)
+# Off unless asked for: debug pages show settings and code to anyone who can reach the port
+# (and `HOST=0.0.0.0 make up` is one command away).
+DEBUG = env_bool("CLAW_DEBUG", False)
 
 
 def load_secret_key() -> str:

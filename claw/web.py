@@ -129,8 +129,11 @@ def sending_at_once() -> None:
 
 
 def main() -> None:
+    from claw.bodylimit import daphne_refuses_large_bodies
+
     without_tls()
     sending_at_once()
+    daphne_refuses_large_bodies()
     from daphne.cli import CommandLineInterface
 
     CommandLineInterface.server_class = server_class()

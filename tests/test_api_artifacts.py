@@ -215,3 +215,55 @@ def test_another_groups_artifact_is_not_found(personas):
 
     assert_error(send(client, "GET", f"/artifacts/{artifact.id}"), 404, "not_found")
     assert_error(send(client, "GET", f"/artifacts/{artifact.id}/download"), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("filename", "content_type"),
+    [
+        ("site.html", "text/html"),
+        ("site.html", "text/html; charset=utf-8"),
+        ("logo.svg", "image/svg+xml"),
+        ("feed.xml", "application/rss+xml"),
+    ],
+)
+def test_a_download_never_renders_an_active_document_in_our_origin(
+    personas, filename, content_type
+):
+    task = task_create(group=personas.group, actor=personas.member, title="Site")
+    uploaded = body(
+        upload(
+            client_for(personas.member),
+            task.id,
+            b"<script>steal()</script>",
+            filename=filename,
+            content_type=content_type,
+        )
+    )
+
+    download = client_for(personas.viewer).get(uploaded["download_url"])
+
+    assert download.status_code == 200
+    assert download["Content-Type"] == "application/octet-stream"
+    assert download["Content-Disposition"].startswith("attachment")
+    assert download["Content-Security-Policy"] == "default-src 'none'; sandbox"
+    assert download["X-Content-Type-Options"] == "nosniff"
+    assert b"".join(download.streaming_content) == b"<script>steal()</script>"
+
+
+def test_a_passive_download_keeps_its_type_under_the_sandbox(personas):
+    task = task_create(group=personas.group, actor=personas.member, title="Shot")
+    uploaded = body(
+        upload(
+            client_for(personas.member),
+            task.id,
+            b"\x89PNG",
+            filename="a.png",
+            content_type="image/png",
+        )
+    )
+
+    download = client_for(personas.viewer).get(uploaded["download_url"])
+
+    assert download["Content-Type"] == "image/png"
+    assert download["Content-Disposition"] == 'attachment; filename="a.png"'
+    assert download["Content-Security-Policy"] == "default-src 'none'; sandbox"

@@ -3,6 +3,8 @@ renderers, artifact previews, and query counts that do not grow with the group."
 
 import io
 import re
+import time
+import zipfile
 
 import pytest
 from django.db import connection
@@ -458,6 +460,68 @@ def test_xlsx_preview_shows_the_first_rows(personas):
     page = html(client_for(personas.viewer).get(f"{board_url(personas)}{task.id}/"))
     assert "<th>city</th><th>people</th>" in page and "<td>c48</td>" in page
     assert "<td>c49</td>" not in page
+
+
+XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+SHARED_STRINGS = "application/vnd.openxmlformats-officedocument.spreadsheetml.sharedStrings+xml"
+SPREADSHEET = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
+
+
+def xlsx_bomb(strings: int) -> bytes:
+    """A valid workbook whose shared-strings table holds `strings` entries: a few hundred
+    KB packed, tens of MB unpacked."""
+    from openpyxl import Workbook
+
+    plain = io.BytesIO()
+    Workbook().save(plain)
+    packed = io.BytesIO()
+    with (
+        zipfile.ZipFile(io.BytesIO(plain.getvalue())) as source,
+        zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as bomb,
+    ):
+        for part in source.infolist():
+            data = source.read(part.filename)
+            if part.filename == "[Content_Types].xml":
+                override = (
+                    f'<Override PartName="/xl/sharedStrings.xml" ContentType="{SHARED_STRINGS}"/>'
+                )
+                data = data.replace(b"</Types>", override.encode() + b"</Types>")
+            bomb.writestr(part.filename, data)
+        table = "<si><t>x</t></si>" * strings
+        bomb.writestr("xl/sharedStrings.xml", f'<sst xmlns="{SPREADSHEET}">{table}</sst>')
+    return packed.getvalue()
+
+
+def test_an_xlsx_zip_bomb_is_not_previewed_and_the_page_answers_fast(personas):
+    data = xlsx_bomb(500_000)
+    assert len(data) < 100_000  # 8.5 MB unpacked
+    task = new_task(personas)
+    bomb = upload(personas, task, "bomb.xlsx", data, XLSX, kind="spreadsheet")
+
+    started = time.monotonic()
+    page = html(client_for(personas.viewer).get(f"{board_url(personas)}{task.id}/"))
+
+    assert time.monotonic() - started < 5
+    section = page[page.index(f'id="artifact-{bomb.id}"') :]
+    assert "Preview unavailable: too large." in section[: section.index("</article>")]
+
+
+def test_a_built_preview_is_served_from_the_cache(personas, monkeypatch):
+    from apps.dashboard import previews
+
+    calls = []
+    parse = previews.xlsx_rows
+    monkeypatch.setattr(previews, "xlsx_rows", lambda data: calls.append(1) or parse(data))
+    book = io.BytesIO()
+    __import__("openpyxl").Workbook().save(book)
+    task = new_task(personas)
+    upload(personas, task, "a.xlsx", book.getvalue(), XLSX, kind="spreadsheet")
+    viewer = client_for(personas.viewer)
+
+    for _ in range(3):
+        assert viewer.get(f"{board_url(personas)}{task.id}/").status_code == 200
+
+    assert len(calls) == 1
 
 
 def test_the_artifact_download_is_for_members_and_inline_only_for_images(personas):

@@ -99,6 +99,10 @@ def test_embedded_mode_serves_runs_worker_and_beat_and_stops_on_sigterm(embedded
         status, script, _ = browser.get("/static/vendor/htmx-2.0.4.min.js")
         assert status == 200 and "htmx" in script
 
+        # DEBUG is off by default: a missing page is a plain 404, not Django's debug page.
+        status, page, _ = browser.get("/no-such-page/")
+        assert status == 404 and "URLconf" not in page and "DEBUG = True" not in page
+
         # Three demo agents (separate processes, three paired devices) run the demo graph:
         # the matcher on the embedded worker assigns each task to the agent whose toolkits
         # cover it, and the report waits for the other two.

@@ -110,9 +110,13 @@ def test_embedded_mode_is_what_you_get_with_nothing_configured(tmp_path):
     assert values["broker"].startswith("memory://")
     assert values["layer"] == "claw.embedded.InProcessChannelLayer"
     assert values["database"] == "django.db.backends.sqlite3"
-    assert values["debug"] is True
+    assert values["debug"] is False
     assert values["login_url"] == "/login/"
     assert (tmp_path / "data" / "secret_key").exists()
+
+
+def test_debug_is_on_only_when_asked_for(tmp_path):
+    assert shown(tmp_path, CLAW_DEBUG="1")["debug"] is True
 
 
 def test_services_mode_uses_redis_with_a_socket_timeout_above_the_blocking_pop(tmp_path):

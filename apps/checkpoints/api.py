@@ -19,6 +19,7 @@ from apps.groups.api import InSchema
 from apps.groups.models import Role
 from apps.groups.selectors import group_get_for_user
 from apps.tasks.planner import plan_edit
+from claw.schema import Id, NonNegative
 
 router = Router()
 
@@ -26,7 +27,7 @@ router = Router()
 class CheckpointFilters(Schema):
     status: CheckpointStatus | None = None
     limit: int = Field(50, ge=1, le=200)
-    offset: int = Field(0, ge=0)
+    offset: NonNegative = 0
 
 
 class CheckpointOut(Schema):
@@ -82,7 +83,7 @@ class DecideIn(InSchema):
     verdict: Verdict
     note: str = Field("", max_length=5000)
     option: str = Field("", max_length=100, description="With approve: one of the options.")
-    assign_to: int | None = Field(None, ge=1, description="With option reassign: an agent id.")
+    assign_to: Id | None = Field(None, description="With option reassign: an agent id.")
 
 
 @router.get("/groups/{slug}/checkpoints", response=CheckpointPage)
@@ -98,12 +99,12 @@ def checkpoint_list(request: HttpRequest, slug: str, filters: Query[CheckpointFi
 
 
 @router.get("/checkpoints/{int:checkpoint_id}", response=CheckpointDetailOut)
-def checkpoint_detail(request: HttpRequest, checkpoint_id: int):
+def checkpoint_detail(request: HttpRequest, checkpoint_id: Id):
     return checkpoint_get_for_user(user=request.auth, checkpoint_id=checkpoint_id)
 
 
 @router.post("/checkpoints/{int:checkpoint_id}/decide", response=CheckpointDetailOut)
-def checkpoint_decide_view(request: HttpRequest, checkpoint_id: int, payload: DecideIn):
+def checkpoint_decide_view(request: HttpRequest, checkpoint_id: Id, payload: DecideIn):
     """Approve, reject or request changes; needs the checkpoint's decider_role."""
     checkpoint = checkpoint_get_for_user(user=request.auth, checkpoint_id=checkpoint_id)
     checkpoint_decide(
@@ -125,7 +126,7 @@ class ProposalIn(InSchema):
 
 
 @router.put("/checkpoints/{int:checkpoint_id}/proposal", response=CheckpointDetailOut)
-def checkpoint_proposal_edit(request: HttpRequest, checkpoint_id: int, payload: ProposalIn):
+def checkpoint_proposal_edit(request: HttpRequest, checkpoint_id: Id, payload: ProposalIn):
     """Replace a pending plan's proposal (member+); it is validated again (known toolkits,
     dependencies by key or index, no cycles, at most 50 tasks). Refused once someone
     decided on the plan."""

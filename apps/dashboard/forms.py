@@ -5,6 +5,7 @@ from django import forms
 from apps.checkpoints.models import Verdict
 from apps.groups.models import Role
 from apps.groups.services import INVITE_MAX_USES
+from claw.schema import DB_INT_MAX
 
 
 class GroupCreateForm(forms.Form):
@@ -45,7 +46,7 @@ class DecisionForm(forms.Form):
     verdict = forms.ChoiceField(choices=Verdict.choices)
     note = forms.CharField(max_length=5000, required=False, widget=forms.Textarea)
     option = forms.CharField(max_length=100, required=False)
-    assign_to = forms.IntegerField(min_value=1, required=False, label="Agent")
+    assign_to = forms.IntegerField(min_value=1, max_value=DB_INT_MAX, required=False, label="Agent")
 
     def clean(self) -> dict:
         data = super().clean()

@@ -17,7 +17,7 @@ from django import forms
 from django.contrib import messages
 from django.db.models import Count, F, Q, Window
 from django.db.models.functions import RowNumber
-from django.http import FileResponse, Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
 from django.middleware.csrf import get_token
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
@@ -31,11 +31,12 @@ from apps.dashboard.access import REFUSED, back, dashboard_view, perform
 from apps.dashboard.graph import Edge, Layout, Node, layout
 from apps.dashboard.live import LiveContext, live_context, live_page
 from apps.dashboard.plan_views import task_plan_block
-from apps.dashboard.previews import INLINE_IMAGE_TYPES, artifact_preview
+from apps.dashboard.previews import artifact_preview
 from apps.devices.models import Agent, Device, Toolkit
 from apps.events.models import Event
 from apps.groups.models import CheckpointPolicy, DependencyFailurePolicy, Group, Role
 from apps.groups.selectors import require_role
+from apps.tasks.downloads import artifact_file_response
 from apps.tasks.models import (
     TERMINAL_TASK_STATUSES,
     Artifact,
@@ -49,6 +50,7 @@ from apps.tasks.selectors import artifacts_for_task, task_get_for_user, tasks_fo
 from apps.tasks.services import task_cancel, task_create, task_retry
 from claw import llm
 from claw.errors import DomainError, Forbidden, NotFound
+from claw.schema import DB_INT_MAX
 
 # Board columns in the order work flows; a status added to TaskStatus later gets a column
 # at the end rather than no column.
@@ -94,7 +96,7 @@ def _int(value: object) -> int | None:
         number = int(str(value))
     except (TypeError, ValueError):
         return None
-    return number if number > 0 else None
+    return number if 0 < number <= DB_INT_MAX else None
 
 
 # --- the board ---------------------------------------------------------------------------
@@ -120,7 +122,7 @@ class BoardFilters:
             device=_int(data.get("device")),
             parent=_int(data.get("parent")),
             status=status if status in TaskStatus.values else "",
-            page=_int(data.get("page")) or 1,
+            page=min(_int(data.get("page")) or 1, DB_INT_MAX // LIST_PAGE),
         )
 
     def params(self) -> dict[str, str]:
@@ -963,19 +965,10 @@ def task_live(ctx: LiveContext) -> list[str]:
 
 @dashboard_view
 def artifact_download(request: HttpRequest, slug: str, task_id: int, artifact_id: int):
-    """An artifact's file for a signed-in member. Inline only for raster images (the
-    page's previews); anything else is an attachment, never rendered in our origin."""
+    """An artifact's file for a signed-in member (apps.tasks.downloads: inline only for
+    the page's image previews)."""
     group, _ = _group_and_role(request, slug)
     artifact = Artifact.objects.filter(id=artifact_id, task_id=task_id, group=group).first()
     if artifact is None:
         raise Http404("No such artifact.")
-    inline = request.GET.get("inline") == "1" and artifact.content_type in INLINE_IMAGE_TYPES
-    response = FileResponse(
-        artifact.file.open("rb"),
-        as_attachment=not inline,
-        filename=artifact.name,
-        content_type=artifact.content_type if inline else "application/octet-stream",
-    )
-    response["X-Content-Type-Options"] = "nosniff"
-    response["Content-Security-Policy"] = "default-src 'none'; sandbox"
-    return response
+    return artifact_file_response(artifact, inline=request.GET.get("inline") == "1")

@@ -17,6 +17,7 @@ from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
 from django.urls import reverse
 from django.utils import timezone
+from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_http_methods, require_POST
 
 from apps.checkpoints.models import Checkpoint, CheckpointKind, CheckpointStatus
@@ -404,6 +405,7 @@ def group_leave(request: HttpRequest, slug: str) -> HttpResponse:
     return redirect("dashboard:groups")
 
 
+@never_cache  # it shows a secret once: kept out of every cache and the history
 @dashboard_view
 @require_POST
 def invite_create_view(request: HttpRequest, slug: str) -> HttpResponse:
@@ -440,6 +442,7 @@ def invite_revoke_view(request: HttpRequest, slug: str, invite_id: int) -> HttpR
     return redirect("dashboard:members", slug=slug)
 
 
+@never_cache  # its URL is the invite's secret
 @login_required
 @require_http_methods(["GET", "POST"])
 def invite_accept_view(request: HttpRequest, token: str) -> HttpResponse:
@@ -483,6 +486,7 @@ def invite_accept_view(request: HttpRequest, token: str) -> HttpResponse:
 # --- personal API tokens -------------------------------------------------------------------
 
 
+@never_cache  # it shows a secret once: kept out of every cache and the history
 @login_required
 @require_http_methods(["GET", "POST"])
 def tokens(request: HttpRequest) -> HttpResponse:
@@ -570,6 +574,7 @@ def pair_command(*, server: str, code: str) -> str:
     return f"claw device pair --server {server} --code {code}"
 
 
+@never_cache  # it shows a secret once: kept out of every cache and the history
 @dashboard_view
 @require_POST
 def pairing_code_create_view(request: HttpRequest, slug: str) -> HttpResponse:

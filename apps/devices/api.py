@@ -3,7 +3,7 @@ skills (apps.devices.skills)."""
 
 from datetime import datetime
 
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from ninja import Field, File, Router, Schema, Status, UploadedFile
 
 from apps.devices.models import AgentStatus, DeviceKind, SkillSource, SkillStatus
@@ -32,6 +32,7 @@ from apps.devices.skills import (
 )
 from apps.groups.api import InSchema
 from apps.groups.selectors import group_get_for_user
+from claw.schema import Id, NonNegative
 
 router = Router()
 
@@ -92,14 +93,15 @@ def device_list(request: HttpRequest, slug: str):
 
 
 @router.post("/groups/{slug}/pairing-codes", response={201: PairingCodeOut})
-def pairing_code_create_view(request: HttpRequest, slug: str):
+def pairing_code_create_view(request: HttpRequest, slug: str, response: HttpResponse):
     group = group_get_for_user(user=request.auth, slug=slug)
     pairing, raw = pairing_code_create(actor=request.auth, group=group)
+    response["Cache-Control"] = "no-store"  # the raw code, shown once
     return Status(201, {"code": raw, "expires_at": pairing.expires_at})
 
 
 @router.post("/devices/pair", auth=None, response={201: PairedOut})
-def device_pair_view(request: HttpRequest, payload: PairIn):
+def device_pair_view(request: HttpRequest, payload: PairIn, response: HttpResponse):
     """Exchange a pairing code for a device token. No sign-in: the code is the credential."""
     device, raw = device_pair(
         code=payload.code,
@@ -108,17 +110,18 @@ def device_pair_view(request: HttpRequest, payload: PairIn):
         platform=payload.platform,
         client=request.META.get("REMOTE_ADDR", ""),
     )
+    response["Cache-Control"] = "no-store"  # the device token, shown once
     return Status(201, {"device": device, "group_id": device.group_id, "token": raw})
 
 
 @router.post("/devices/{int:device_id}/revoke", response=DeviceOut)
-def device_revoke_view(request: HttpRequest, device_id: int):
+def device_revoke_view(request: HttpRequest, device_id: Id):
     device = device_get_for_user(user=request.auth, device_id=device_id)
     return device_revoke(actor=request.auth, device=device)
 
 
 @router.post("/devices/{int:device_id}/drain", response=DeviceOut)
-def device_drain(request: HttpRequest, device_id: int, payload: DrainIn):
+def device_drain(request: HttpRequest, device_id: Id, payload: DrainIn):
     device = device_get_for_user(user=request.auth, device_id=device_id)
     return device_set_draining(actor=request.auth, device=device, draining=payload.draining)
 
@@ -130,7 +133,7 @@ def agent_list(request: HttpRequest, slug: str):
 
 
 @router.post("/agents/{int:agent_id}/drain", response=AgentOut)
-def agent_drain(request: HttpRequest, agent_id: int, payload: DrainIn):
+def agent_drain(request: HttpRequest, agent_id: Id, payload: DrainIn):
     agent = agent_get_for_user(user=request.auth, agent_id=agent_id)
     return agent_set_draining(actor=request.auth, agent=agent, draining=payload.draining)
 
@@ -171,9 +174,8 @@ class SkillEditIn(InSchema):
     text: str = Field(
         description=f"Markdown, at most {MAX_SKILL_CHARS} characters; empty clears the skill."
     )
-    base_version: int | None = Field(
+    base_version: NonNegative | None = Field(
         None,
-        ge=0,
         description="The version you edited (0: none); refused with 409 skill_changed "
         "when another one became current meanwhile.",
     )

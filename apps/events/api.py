@@ -8,12 +8,13 @@ from ninja import Field, Query, Router, Schema
 
 from apps.events.selectors import events_since
 from apps.groups.selectors import group_get_for_user
+from claw.schema import NonNegative
 
 router = Router()
 
 
 class EventQuery(Schema):
-    after: int = Field(0, ge=0, description="Return events with seq greater than this.")
+    after: NonNegative = Field(0, description="Return events with seq greater than this.")
     limit: int = Field(100, ge=1, le=500)
 
 

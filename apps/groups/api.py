@@ -3,7 +3,7 @@
 from datetime import datetime
 from typing import Literal
 
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from ninja import Field, Router, Schema, Status
 from pydantic import ConfigDict, model_validator
 
@@ -26,6 +26,7 @@ from apps.groups.services import (
     membership_remove,
     membership_set_role,
 )
+from claw.schema import Id
 
 router = Router()
 
@@ -75,13 +76,14 @@ def token_list(request: HttpRequest):
 
 
 @router.post("/me/tokens", response={201: TokenCreatedOut})
-def token_create(request: HttpRequest, payload: TokenCreateIn):
+def token_create(request: HttpRequest, payload: TokenCreateIn, response: HttpResponse):
     token, raw = api_token_create(user=request.auth, name=payload.name)
+    response["Cache-Control"] = "no-store"  # the raw token, shown once
     return Status(201, TokenCreatedOut(**TokenOut.model_validate(token).model_dump(), token=raw))
 
 
 @router.delete("/me/tokens/{int:token_id}", response={204: None})
-def token_revoke(request: HttpRequest, token_id: int):
+def token_revoke(request: HttpRequest, token_id: Id):
     api_token_revoke(user=request.auth, token_id=token_id)
     return Status(204, None)
 
@@ -223,14 +225,14 @@ def member_add(request: HttpRequest, slug: str, payload: MemberAddIn):
 
 
 @router.patch("/groups/{slug}/members/{int:user_id}", response=MemberOut)
-def member_set_role(request: HttpRequest, slug: str, user_id: int, payload: MemberRoleIn):
+def member_set_role(request: HttpRequest, slug: str, user_id: Id, payload: MemberRoleIn):
     group = group_get_for_user(user=request.auth, slug=slug, role=Role.OWNER)
     user = member_user_get(group=group, user_id=user_id)
     return membership_set_role(actor=request.auth, group=group, user=user, role=payload.role)
 
 
 @router.delete("/groups/{slug}/members/{int:user_id}", response={204: None})
-def member_remove(request: HttpRequest, slug: str, user_id: int):
+def member_remove(request: HttpRequest, slug: str, user_id: Id):
     """Owners remove anyone; every member may remove themself (leave)."""
     group = group_get_for_user(user=request.auth, slug=slug)
     user = member_user_get(group=group, user_id=user_id)

@@ -1,6 +1,11 @@
+import hashlib
+import math
+import time
 from datetime import timedelta
 
+from django.contrib.auth import authenticate
 from django.contrib.auth.models import AbstractBaseUser
+from django.core.cache import cache
 from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
@@ -19,8 +24,15 @@ from apps.groups.models import (
     Role,
 )
 from apps.groups.selectors import require_role
-from claw.errors import InvalidInput, InvalidTransition, NotFound
+from claw.errors import InvalidInput, InvalidTransition, NotFound, Throttled
 from claw.tokens import new_token, token_hash
+
+# Failed sign-ins: per username (one account guessed at from anywhere) and per client
+# address (many accounts guessed at from one place; looser, as people share addresses).
+LOGIN_FAILURES_PER_USERNAME = 10
+LOGIN_FAILURES_PER_ADDRESS = 30
+LOGIN_FAILURE_WINDOW_S = 15 * 60
+LOGIN_LOCK_S = 15 * 60
 
 POLICY_FIELDS = {
     "heartbeat_interval_s": (1, 600),
@@ -321,3 +333,49 @@ def invite_revoke(*, actor: AbstractBaseUser, invite: Invite) -> Invite:
         )
     invite.revoked_at = now
     return invite
+
+
+def _login_keys(*, username: str, client: str) -> list[str]:
+    name = hashlib.sha256(username.strip().lower().encode()).hexdigest()
+    return [f"claw:login:user:{name}", f"claw:login:addr:{client}"]
+
+
+def _login_lock_remaining(keys: list[str]) -> float:
+    now = time.time()
+    until = max((cache.get(f"{key}:locked-until") or 0 for key in keys), default=0)
+    return max(until - now, 0)
+
+
+def user_authenticate(
+    *, request, username: str, password: str, client: str
+) -> AbstractBaseUser | None:
+    """Django's authenticate(), throttled: after too many failures for a username, or from
+    a client address, every attempt (the right password too) is refused with `throttled`
+    until the lock ends. A success clears the username's count; the address's count stays,
+    or one valid account would reset a spray across many others."""
+    user_key, address_key = keys = _login_keys(username=username, client=client)
+    remaining = _login_lock_remaining(keys)
+    if remaining > 0:
+        minutes = math.ceil(remaining / 60)
+        raise Throttled(
+            f"Too many failed sign-in attempts; try again in {minutes} "
+            f"minute{'s' if minutes != 1 else ''}.",
+            details={"retry_after_s": math.ceil(remaining)},
+        )
+    user = authenticate(request, username=username, password=password)
+    if user is not None:
+        cache.delete_many([user_key, f"{user_key}:locked-until"])
+        return user
+    for key, allowed in (
+        (user_key, LOGIN_FAILURES_PER_USERNAME),
+        (address_key, LOGIN_FAILURES_PER_ADDRESS),
+    ):
+        cache.add(key, 0, timeout=LOGIN_FAILURE_WINDOW_S)
+        try:
+            failures = cache.incr(key)
+        except ValueError:  # expired between add and incr
+            cache.set(key, failures := 1, timeout=LOGIN_FAILURE_WINDOW_S)
+        if failures >= allowed:
+            cache.set(f"{key}:locked-until", time.time() + LOGIN_LOCK_S, timeout=LOGIN_LOCK_S)
+            cache.delete(key)
+    return None

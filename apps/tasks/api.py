@@ -3,7 +3,7 @@
 from datetime import datetime
 from typing import Annotated, Any
 
-from django.http import FileResponse, HttpRequest
+from django.http import HttpRequest
 from django.urls import reverse
 from ninja import Field, File, Form, Query, Router, Schema, Status, UploadedFile
 from ninja.errors import AuthenticationError
@@ -13,6 +13,7 @@ from apps.devices.models import Device
 from apps.groups.api import InSchema
 from apps.groups.models import CheckpointPolicy, DependencyFailurePolicy
 from apps.groups.selectors import group_get_for_user
+from apps.tasks.downloads import artifact_file_response
 from apps.tasks.models import ArtifactKind, AttemptStatus, TaskStatus
 from apps.tasks.planner import plan_request
 from apps.tasks.selectors import (
@@ -34,6 +35,7 @@ from apps.tasks.services import (
     task_retry,
 )
 from claw.errors import InvalidInput
+from claw.schema import Id, NonNegative
 
 router = Router()
 # POST /tasks/{id}/artifacts also takes a device token (clawd_…), so its path is mounted
@@ -56,10 +58,8 @@ class TaskCreateIn(InSchema):
     required_toolkits: list[ToolkitSlug] = Field(default_factory=list, max_length=50)
     priority: int = Field(0, ge=-100, le=100)
     max_attempts: int | None = Field(None, ge=1, le=100)
-    parent_id: int | None = Field(None, ge=1)
-    depends_on: list[Annotated[int, Field(ge=1)]] = Field(
-        default_factory=list, max_length=MAX_DEPENDENCIES
-    )
+    parent_id: Id | None = None
+    depends_on: list[Id] = Field(default_factory=list, max_length=MAX_DEPENDENCIES)
     checkpoint_policy: CheckpointPolicy | None = Field(
         None, description="none, before_start or review_result; defaults to the group's."
     )
@@ -73,10 +73,10 @@ class TaskCreateIn(InSchema):
 class TaskFilters(Schema):
     status: TaskStatus | None = None
     toolkit: ToolkitSlug | None = None
-    agent: int | None = Field(None, ge=1, description="Tasks this agent ever attempted.")
-    parent: int | None = Field(None, ge=1)
+    agent: Id | None = Field(None, description="Tasks this agent ever attempted.")
+    parent: Id | None = None
     limit: int = Field(50, ge=1, le=200)
-    offset: int = Field(0, ge=0)
+    offset: NonNegative = 0
 
 
 class TaskOut(Schema):
@@ -152,7 +152,7 @@ class CancelOut(Schema):
 
 
 class DependencyIn(InSchema):
-    depends_on: int = Field(ge=1)
+    depends_on: Id
 
 
 @router.get("/groups/{slug}/tasks", response=TaskPage)
@@ -194,18 +194,18 @@ def task_create_view(request: HttpRequest, slug: str, payload: TaskCreateIn):
 
 
 @router.get("/tasks/{int:task_id}", response=TaskDetailOut)
-def task_detail(request: HttpRequest, task_id: int):
+def task_detail(request: HttpRequest, task_id: Id):
     return task_get_for_user(user=request.auth, task_id=task_id, detail=True)
 
 
 @router.post("/tasks/{int:task_id}/cancel", response=CancelOut)
-def task_cancel_view(request: HttpRequest, task_id: int, payload: CancelIn):
+def task_cancel_view(request: HttpRequest, task_id: Id, payload: CancelIn):
     task = task_get_for_user(user=request.auth, task_id=task_id)
     return {"cancelled": task_cancel(actor=request.auth, task=task, reason=payload.reason)}
 
 
 @router.post("/tasks/{int:task_id}/retry", response=TaskDetailOut)
-def task_retry_view(request: HttpRequest, task_id: int):
+def task_retry_view(request: HttpRequest, task_id: Id):
     task = task_get_for_user(user=request.auth, task_id=task_id)
     task_retry(actor=request.auth, task=task)
     return task_get_for_user(user=request.auth, task_id=task_id, detail=True)
@@ -218,7 +218,7 @@ class PlanRequestOut(Schema):
 
 
 @router.post("/tasks/{int:task_id}/plan", response={202: PlanRequestOut})
-def task_plan_view(request: HttpRequest, task_id: int):
+def task_plan_view(request: HttpRequest, task_id: Id):
     """Ask the model to break this goal task into sub-tasks (member+). The proposal comes
     as a `plan` checkpoint (event plan.proposed) to edit, approve or reject; a model that
     gives no valid plan twice ends in a plan.failed event. 503 model_unavailable without a
@@ -229,7 +229,7 @@ def task_plan_view(request: HttpRequest, task_id: int):
 
 
 @router.post("/tasks/{int:task_id}/dependencies", response=TaskDetailOut)
-def task_dependency_add_view(request: HttpRequest, task_id: int, payload: DependencyIn):
+def task_dependency_add_view(request: HttpRequest, task_id: Id, payload: DependencyIn):
     task = task_get_for_user(user=request.auth, task_id=task_id)
     depends_on = dependency_get(task=task, depends_on_id=payload.depends_on)
     task_dependency_add(actor=request.auth, task=task, depends_on=depends_on)
@@ -264,8 +264,8 @@ class ArtifactUploadForm(Schema):
         None, min_length=1, max_length=200, description="Defaults to the file's name."
     )
     kind: ArtifactKind = ArtifactKind.FILE
-    attempt_id: int | None = Field(None, ge=1, description="Device uploads: the attempt.")
-    epoch: int | None = Field(None, ge=1, description="Device uploads: the attempt's epoch.")
+    attempt_id: Id | None = Field(None, description="Device uploads: the attempt.")
+    epoch: Id | None = Field(None, description="Device uploads: the attempt's epoch.")
 
 
 def _human(request: HttpRequest):
@@ -276,7 +276,7 @@ def _human(request: HttpRequest):
 
 
 @artifact_upload_router.get("/tasks/{int:task_id}/artifacts", response=list[ArtifactOut])
-def artifact_list(request: HttpRequest, task_id: int):
+def artifact_list(request: HttpRequest, task_id: Id):
     task = task_get_for_user(user=_human(request), task_id=task_id)
     return artifacts_for_task(task=task)
 
@@ -284,7 +284,7 @@ def artifact_list(request: HttpRequest, task_id: int):
 @artifact_upload_router.post("/tasks/{int:task_id}/artifacts", response={201: ArtifactOut})
 def artifact_upload(
     request: HttpRequest,
-    task_id: int,
+    task_id: Id,
     file: File[UploadedFile],
     form: Form[ArtifactUploadForm],
 ):
@@ -314,17 +314,13 @@ def artifact_upload(
 
 
 @artifacts_router.get("/artifacts/{int:artifact_id}", response=ArtifactOut)
-def artifact_detail(request: HttpRequest, artifact_id: int):
+def artifact_detail(request: HttpRequest, artifact_id: Id):
     return artifact_get_for_user(user=request.auth, artifact_id=artifact_id)
 
 
 @artifacts_router.get("/artifacts/{int:artifact_id}/download", url_name="artifact_download")
-def artifact_download(request: HttpRequest, artifact_id: int):
-    """The file itself, as an attachment with its stored content type."""
+def artifact_download(request: HttpRequest, artifact_id: Id):
+    """The file itself, as an attachment with its stored content type (application/
+    octet-stream for types a browser would run, such as HTML and SVG)."""
     artifact = artifact_get_for_user(user=request.auth, artifact_id=artifact_id)
-    return FileResponse(
-        artifact.file.open("rb"),
-        as_attachment=True,
-        filename=artifact.name,
-        content_type=artifact.content_type,
-    )
+    return artifact_file_response(artifact)

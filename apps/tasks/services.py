@@ -1252,6 +1252,10 @@ def artifact_create(
     name = name.strip()
     if not name or len(name) > 200 or "/" in name or "\\" in name or name in {".", ".."}:
         raise InvalidInput("An artifact needs a file name of 1 to 200 characters, without slashes.")
+    if not name.isprintable():
+        # A NUL reached the file system (ValueError) and PostgreSQL (which refuses it in
+        # text); other control characters would end up in Content-Disposition headers.
+        raise InvalidInput("An artifact's file name may not contain control characters.")
     if kind not in ArtifactKind.values:
         raise InvalidInput(f"kind must be one of {', '.join(ArtifactKind.values)}.")
     if attempt is None:
