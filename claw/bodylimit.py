@@ -93,8 +93,18 @@ def limit_body(app):
     return middleware
 
 
+# The Daphne release whose request class daphne_refuses_large_bodies extends (its
+# gotLength, handleContentChunk and process): pinned in pyproject.toml, checked by a test.
+DAPHNE_VERSION = "4.2.3"
+
+
 def daphne_refuses_large_bodies() -> None:
-    """Refuse an over-limit body in Daphne's Twisted request, as its bytes arrive."""
+    """Refuse an over-limit body in Daphne's Twisted request, as its bytes arrive.
+
+    Daphne reads a whole request body (to memory or a temporary file) before it calls the
+    application, so the ASGI middleware above alone would let a 300 MiB upload be read to
+    its end. Daphne has no setting for it, so this replaces its request class with a
+    subclass: written for DAPHNE_VERSION only (tests/test_body_limit.py)."""
     from daphne import http_protocol
 
     class LimitedRequest(http_protocol.WebRequest):

@@ -75,12 +75,12 @@ def _serve_embedded(*, host: str, port: int, banner: str, on_ready=None, before_
     import asyncio
 
     from claw.bodylimit import daphne_refuses_large_bodies
-    from claw.web import sending_at_once, server_class, without_tls
+    from claw.web import without_tls
 
-    without_tls()
-    sending_at_once()
+    without_tls()  # before Daphne's server loads Twisted's endpoints
     daphne_refuses_large_bodies()
     from daphne.endpoints import build_endpoint_description_strings
+    from daphne.server import Server
     from twisted.internet import reactor, task, threads
 
     from claw.asgi import application
@@ -108,7 +108,7 @@ def _serve_embedded(*, host: str, port: int, banner: str, on_ready=None, before_
                 "before", "shutdown", lambda: threads.deferToThread(before_stop)
             )
 
-    server = server_class()(
+    server = Server(
         application=application,
         endpoints=build_endpoint_description_strings(host=host, port=port),
         signal_handlers=True,  # SIGINT/SIGTERM stop the reactor; run() then returns

@@ -149,3 +149,17 @@ def test_daphne_passes_a_body_within_the_limit_to_django(web):
     sent, answer = stream_upload(web, mib=1, chunked=False, path="/api/v1/groups/x/tasks")
 
     assert sent == 1 and answer.startswith(b"HTTP/1.1 401"), answer
+
+
+def test_the_daphne_request_class_we_extend_is_the_release_it_was_written_for():
+    """claw.bodylimit subclasses Daphne's request class (no setting does what it does):
+    an upgrade must be a decision, checked against these tests, never a silent change."""
+    from importlib.metadata import version
+
+    from daphne import http_protocol
+
+    from claw.bodylimit import DAPHNE_VERSION
+
+    assert version("daphne") == DAPHNE_VERSION
+    for method in ("gotLength", "handleContentChunk", "process"):
+        assert callable(getattr(http_protocol.WebRequest, method))

@@ -1,10 +1,7 @@
-"""`python -m claw.web`: Daphne without Twisted's TLS (the proxy terminates TLS), with a
-leaner queue per connection (InputQueue, which must behave like the asyncio.Queue it
-replaces), on connections that send as soon as they are written to (a real server on
-tests/stream_app: whole and in order when the socket cannot take it all, and a client
-that leaves mid-stream)."""
+"""`python -m claw.web`: plain Daphne without Twisted's TLS (the proxy terminates TLS), run
+as deployed on a real server with tests/stream_app: a stream arrives whole and in order when
+the socket cannot take it all at once, and a client that leaves mid-stream stops it."""
 
-import asyncio
 import io
 import socket
 import subprocess
@@ -14,7 +11,6 @@ import time
 import pytest
 
 from claw.cli import _service_commands
-from claw.web import InputQueue
 from tests.live import PYTHON, Proc, child_env, free_port, wait_listening
 from tests.stream_app import piece
 
@@ -37,34 +33,29 @@ def test_the_web_process_does_without_pyopenssl():
     assert not loads_openssl("import claw.web; claw.web.without_tls()")
 
 
+HANDOVER = """
+from daphne import cli, server
+from twisted.internet import tcp
+import claw.web
+
+def entrypoint():
+    print(cli.CommandLineInterface.server_class is server.Server, tcp.Port.transport is tcp.Server)
+
+cli.CommandLineInterface.entrypoint = entrypoint
+claw.web.main()
+"""
+
+
+def test_the_launcher_hands_over_to_daphne_as_installed():
+    """No patched copies of Daphne's or Twisted's internals: an upgrade of either cannot
+    silently break what Claw changed in it, because Claw changes nothing in it."""
+    run = subprocess.run([sys.executable, "-c", HANDOVER], capture_output=True, text=True)
+    assert run.stdout.split() == ["True", "True"], run.stdout + run.stderr
+
+
 def test_claw_up_runs_its_web_process_through_the_launcher():
     web = _service_commands(host="127.0.0.1", port=8000, concurrency=1)["web"]
     assert web[1:3] == ["-m", "claw.web"] and web[-1] == "claw.asgi:application"
-
-
-async def test_the_input_queue_is_fifo_and_get_waits_for_a_put():
-    queue = InputQueue()
-    queue.put_nowait(1)
-    queue.put_nowait(2)
-    assert [await queue.get(), await queue.get()] == [1, 2]
-    getter = asyncio.create_task(queue.get())
-    await asyncio.sleep(0)
-    assert not getter.done()
-    queue.put_nowait(3)
-    assert await asyncio.wait_for(getter, 1) == 3
-    assert queue.empty() and bool(queue)  # Daphne tests `if self.application_queue:`
-
-
-async def test_a_cancelled_get_passes_its_wake_up_to_the_next_getter():
-    queue = InputQueue()
-    first = asyncio.create_task(queue.get())
-    second = asyncio.create_task(queue.get())
-    await asyncio.sleep(0)
-    queue.put_nowait("item")  # wakes the first getter...
-    first.cancel()  # ...which is cancelled before it runs
-    with pytest.raises(asyncio.CancelledError):
-        await first
-    assert await asyncio.wait_for(second, 1) == "item"
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ database with a group of N paired devices:
   (a) connections: N agents connect (Authorization: Bearer), say hello and heartbeat every
       heartbeat_interval_s (+-10 % jitter) for --duration seconds after the ramp. Reports
       the server's peak RSS (VmRSS, process tree), the connect rate, heartbeat ack latency
-      and unexpected closes. Target: 5,000 agents, RSS <= 300 MB, no unexpected closes.
+      and unexpected closes. Target: 5,000 agents, RSS <= 320 MB, no unexpected closes.
   (b) progress: M agents that each hold a running attempt send `progress` frames with
       unique ids, one outstanding per agent, paced under the per-socket rate limit. Reports
       acked events/s and ack latency p50/p95/p99, and checks that every ack is a stored
@@ -46,7 +46,7 @@ from pathlib import Path
 from tests.bench.common import bench_database, forget_redis_keys, percentile
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-TARGETS = {"agents": 5000, "rss_mb": 300, "progress_per_s": 1000, "p99_ms": 100}
+TARGETS = {"agents": 5000, "rss_mb": 320, "progress_per_s": 1000, "p99_ms": 100}
 HELLO_AGENT = {"toolkits": {"shell": "1.0"}, "capacity": 1, "client_version": "bench"}
 
 
@@ -738,7 +738,8 @@ def check_targets(row: dict, args) -> list[str]:
     return [
         f"agents {a['connected']}/{TARGETS['agents']}"
         + (" ok" if a["connected"] >= TARGETS["agents"] else " MISS"),
-        f"RSS {row['rss_peak_mb']:.0f} MB" + (" ok" if row["rss_peak_mb"] <= 300 else " MISS"),
+        f"RSS {row['rss_peak_mb']:.0f} MB"
+        + (" ok" if row["rss_peak_mb"] <= TARGETS["rss_mb"] else " MISS"),
         f"agents lost (never connected or closed by the server) {closes}"
         + (" ok" if closes == 0 else " MISS"),
         f"progress {b['acks'] / b['seconds']:.0f}/s"
