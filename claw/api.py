@@ -3,6 +3,7 @@ every error becomes `{"code": ..., "message": ...}` (+ "details"). The routers a
 schemas live in apps/<app>/api.py; they call services and selectors and nothing else."""
 
 import functools
+import json
 import logging
 
 from django.core.exceptions import ObjectDoesNotExist, RequestDataTooBig
@@ -151,24 +152,45 @@ def _field_name(loc: tuple) -> str:
     return ".".join(str(part) for part in parts) or str(loc[0] if loc else "request")
 
 
+def _keyed_item(request: HttpRequest, loc: tuple, parsed: dict) -> dict:
+    """For an error inside an item of a body list whose items have keys (a task graph's
+    tasks: ("body", "payload", "tasks", 3, "title")), the item's key and index."""
+    if len(loc) < 4 or loc[:2] != ("body", "payload") or not isinstance(loc[3], int):
+        return {}
+    if "body" not in parsed:  # once per answer
+        try:
+            parsed["body"] = json.loads(request.body)
+        except ValueError:
+            parsed["body"] = None
+    items = parsed["body"].get(loc[2]) if isinstance(parsed["body"], dict) else None
+    if not isinstance(items, list) or not 0 <= loc[3] < len(items):
+        return {}
+    key = items[loc[3]].get("key") if isinstance(items[loc[3]], dict) else None
+    return {"key": key, "index": loc[3]} if isinstance(key, str) else {}
+
+
 @api.exception_handler(ValidationError)
 def on_validation_error(request: HttpRequest, exc: ValidationError) -> HttpResponse:
+    parsed: dict = {}
     errors = [
         {
             "field": _field_name(tuple(error.get("loc", ()))),
             "in": str(error["loc"][0]) if error.get("loc") else "request",
             "message": error.get("msg", "invalid"),
             "type": error.get("type", "invalid"),
+            **_keyed_item(request, tuple(error.get("loc", ())), parsed),
         }
         for error in exc.errors
     ]
     first = errors[0] if errors else {"field": "request", "message": "invalid"}
+    named = {name: first[name] for name in ("key", "index") if name in first}
+    where = f" ({first['key']})" if named else ""
     return error_response(
         request,
         status=422,
         code="validation_error",
-        message=f"{first['field']}: {first['message']}",
-        details={"errors": errors},
+        message=f"{first['field']}{where}: {first['message']}",
+        details={"errors": errors, **named},
     )
 
 

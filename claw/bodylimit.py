@@ -14,6 +14,7 @@ from django.conf import settings
 # Multipart boundaries, part headers and the small form fields beside the file.
 FRAMING_BYTES = 64 * 1024
 ARTIFACT_UPLOAD = re.compile(r"^/api/v1/tasks/[0-9]+/artifacts/?$")
+TASK_GRAPH = re.compile(r"^/api/v1/groups/[^/]+/tasks/graph/?$")
 
 
 # After a refusal, how long the rest of the body is read and dropped before the connection
@@ -26,12 +27,15 @@ class BodyTooLarge(Exception):
 
 
 def body_limit(path: str) -> int:
-    """The largest body a path may get: artifact uploads up to CLAW_ARTIFACT_MAX_BYTES;
-    everything else up to the largest form or document (skill documents, 2 MiB)."""
+    """The largest body a path may get: artifact uploads up to CLAW_ARTIFACT_MAX_BYTES, a
+    task graph up to CLAW_TASK_GRAPH_MAX_BYTES; everything else up to the largest form or
+    document (skill documents, 2 MiB)."""
     from apps.devices.skills import MAX_DOCUMENT_BYTES  # here: the web server loads it early
 
     if ARTIFACT_UPLOAD.match(path):
         largest = settings.CLAW_ARTIFACT_MAX_BYTES
+    elif TASK_GRAPH.match(path):
+        largest = settings.CLAW_TASK_GRAPH_MAX_BYTES
     else:
         largest = max(settings.DATA_UPLOAD_MAX_MEMORY_SIZE, MAX_DOCUMENT_BYTES)
     return largest + FRAMING_BYTES

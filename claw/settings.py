@@ -321,6 +321,10 @@ STORAGES = {
 
 CLAW_ARTIFACT_MAX_BYTES = env_int("CLAW_ARTIFACT_MAX_BYTES", 50 * 1024 * 1024, minimum=1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
+# POST /api/v1/groups/SLUG/tasks/graph (up to 5,000 tasks) may send more than the bound above.
+CLAW_TASK_GRAPH_MAX_BYTES = env_int(
+    "CLAW_TASK_GRAPH_MAX_BYTES", 16 * 1024 * 1024, minimum=DATA_UPLOAD_MAX_MEMORY_SIZE
+)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 
 # GET /metrics (claw.metrics): with a token, `Authorization: Bearer <token>` is required;

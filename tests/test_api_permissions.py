@@ -143,6 +143,20 @@ ENDPOINTS = [
         lambda w, p, u: ("POST", "/groups/research/tasks", {"title": "Summarise"}),
         codes(201, 201, 201, 403),
     ),
+    (
+        "POST /groups/{slug}/tasks/graph",
+        lambda w, p, u: (
+            "POST",
+            "/groups/research/tasks/graph",
+            {
+                "tasks": [
+                    {"key": "a", "title": "Collect"},
+                    {"key": "b", "title": "Sum", "depends_on": ["a"]},
+                ]
+            },
+        ),
+        codes(201, 201, 201, 403),
+    ),
     ("GET /tasks/{task_id}", lambda w, p, u: ("GET", f"/tasks/{w.task.id}", None), READ),
     (
         "POST /tasks/{task_id}/cancel",

@@ -87,6 +87,14 @@ async def test_other_paths_are_refused_past_the_largest_form_or_document():
     assert answer["status"] == 413 and answer["read"] == 3  # 2 MiB + framing
 
 
+async def test_a_task_graph_may_be_larger_than_other_bodies_up_to_its_own_limit():
+    within = await post("/api/v1/groups/research/tasks/graph", mib=4)
+    beyond = await post("/api/v1/groups/research/tasks/graph", mib=40)
+
+    assert within["status"] != 413 and within["read"] == 4
+    assert beyond["status"] == 413 and beyond["read"] == 17  # 16 MiB + framing
+
+
 async def test_bodies_within_the_limit_reach_django():
     small = await post("/api/v1/groups/research/tasks", mib=1)
     document = await post(

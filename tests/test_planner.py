@@ -286,6 +286,44 @@ def test_approving_a_plan_creates_the_graph(
     assert applied.payload["tasks"] == {"measure": measure.id, "chart": chart.id, "write": write.id}
 
 
+def test_approval_creates_the_plan_as_one_task_graph(
+    personas, goal, llm, run_planner, django_capture_on_commit_callbacks, monkeypatch
+):
+    from apps.tasks import graphs
+
+    graphs_made = []
+    create = graphs.task_graph_create
+
+    def recording(**kwargs):
+        graphs_made.append([(t.key, t.depends_on, t.parent_id) for t in kwargs["tasks"]])
+        return create(**kwargs)
+
+    monkeypatch.setattr(graphs, "task_graph_create", recording)
+    llm.script(answer(PLAN))
+    request_plan(django_capture_on_commit_callbacks, personas.member, goal)
+    checkpoint = Checkpoint.objects.get(task=goal)
+    start = Group.objects.get(id=personas.group.id).event_seq
+
+    send(
+        client_for(personas.approver),
+        "POST",
+        f"/checkpoints/{checkpoint.id}/decide",
+        {"verdict": "approve"},
+    )
+
+    assert graphs_made == [
+        [
+            ("measure", [], goal.id),
+            ("chart", ["measure"], goal.id),
+            ("write", ["measure", "chart"], goal.id),
+        ]
+    ]
+    created = Event.objects.filter(group=personas.group, seq__gt=start, kind="task.created")
+    seqs = sorted(created.values_list("seq", flat=True))
+    assert len(seqs) == 3 and seqs == list(range(seqs[0], seqs[0] + 3))
+    assert set(created.values_list("actor_id", flat=True)) == {personas.approver.id}
+
+
 def test_rejecting_a_plan_creates_nothing(
     personas, goal, llm, run_planner, django_capture_on_commit_callbacks
 ):

@@ -1,7 +1,7 @@
 """/me, personal API tokens, groups and their members."""
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from django.http import HttpRequest, HttpResponse
 from ninja import Field, Router, Schema, Status
@@ -37,6 +37,14 @@ class InSchema(Schema):
     """Request bodies: unknown fields are an error, not silently dropped."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class ErrorOut(Schema):
+    """Every error answer (claw/api.py renders them)."""
+
+    code: str = Field(description="Stable, for programs: e.g. not_found, unknown_toolkit.")
+    message: str = Field(description="For humans.")
+    details: dict[str, Any] | None = Field(None, description="What the code needs, if anything.")
 
 
 # --- me and tokens -----------------------------------------------------------------------

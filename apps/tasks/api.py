@@ -1,19 +1,25 @@
 """Tasks (create, list, cancel, retry, dependencies) and their artifacts."""
 
+import functools
 from datetime import datetime
+from io import BytesIO
 from typing import Annotated, Any
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import HttpRequest
 from django.urls import reverse
 from ninja import Field, File, Form, Query, Router, Schema, Status, UploadedFile
+from ninja.decorators import decorate_view
 from ninja.errors import AuthenticationError
-from pydantic import StringConstraints
+from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from apps.devices.models import Device
-from apps.groups.api import InSchema
+from apps.groups.api import ErrorOut, InSchema
 from apps.groups.models import CheckpointPolicy, DependencyFailurePolicy
 from apps.groups.selectors import group_get_for_user
 from apps.tasks.downloads import artifact_file_response
+from apps.tasks.graphs import MAX_GRAPH_TASKS, MAX_KEY, GraphTask, task_graph_create
 from apps.tasks.models import ArtifactKind, AttemptStatus, TaskStatus
 from apps.tasks.planner import plan_request
 from apps.tasks.selectors import (
@@ -51,15 +57,19 @@ ToolkitSlug = Annotated[
 # --- tasks -------------------------------------------------------------------------------
 
 
-class TaskCreateIn(InSchema):
+class TaskFieldsIn(BaseModel):
+    """A new task's own fields (single and bulk creation). A plain pydantic model: ninja's
+    Schema wraps every object it validates for attribute access, a third of a 4,000-task
+    graph's time."""
+
+    model_config = ConfigDict(extra="forbid")
+
     title: str = Field(min_length=1, max_length=200)
     instructions: str = Field("", max_length=100_000)
     steps: list[Step] = Field(default_factory=list, max_length=MAX_STEPS)
     required_toolkits: list[ToolkitSlug] = Field(default_factory=list, max_length=50)
     priority: int = Field(0, ge=-100, le=100)
     max_attempts: int | None = Field(None, ge=1, le=100)
-    parent_id: Id | None = None
-    depends_on: list[Id] = Field(default_factory=list, max_length=MAX_DEPENDENCIES)
     checkpoint_policy: CheckpointPolicy | None = Field(
         None, description="none, before_start or review_result; defaults to the group's."
     )
@@ -67,6 +77,44 @@ class TaskCreateIn(InSchema):
         None,
         description="What a failed or cancelled dependency does to this task: block or "
         "cancel; defaults to the group's.",
+    )
+
+
+class TaskCreateIn(TaskFieldsIn):
+    parent_id: Id | None = None
+    depends_on: list[Id] = Field(default_factory=list, max_length=MAX_DEPENDENCIES)
+
+
+GraphKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_KEY)]
+
+
+class TaskGraphTaskIn(TaskFieldsIn):
+    key: GraphKey = Field(description="The task's name in this request, unique in it.")
+    depends_on: list[GraphKey] = Field(
+        default_factory=list,
+        max_length=MAX_DEPENDENCIES,
+        description="Keys of tasks of this graph that must succeed first.",
+    )
+    depends_on_ids: list[Id] = Field(
+        default_factory=list,
+        max_length=MAX_DEPENDENCIES,
+        description="Ids of existing tasks of the group that must succeed first (at most "
+        f"{MAX_DEPENDENCIES} dependencies in all).",
+    )
+    parent: GraphKey | None = Field(None, description="The key of its parent in this graph.")
+    parent_id: Id | None = Field(
+        None, description="Or an existing task of the group as its parent."
+    )
+
+
+class TaskGraphIn(InSchema):
+    tasks: list[TaskGraphTaskIn] = Field(min_length=1, max_length=MAX_GRAPH_TASKS)
+
+
+class TaskGraphOut(Schema):
+    ids: dict[str, int] = Field(description="The created tasks' ids by key.")
+    statuses: dict[str, int] = Field(
+        description="How many of them start in each status (ready, waiting, blocked)."
     )
 
 
@@ -191,6 +239,62 @@ def task_create_view(request: HttpRequest, slug: str, payload: TaskCreateIn):
         dependency_failure_policy=payload.dependency_failure_policy,
     )
     return Status(201, task_get_for_user(user=request.auth, task_id=task.id, detail=True))
+
+
+def body_up_to(limit_setting: str):
+    """Let an operation read a request body of up to settings.<limit_setting> bytes;
+    every other one keeps the global DATA_UPLOAD_MAX_MEMORY_SIZE."""
+
+    def decorator(run):
+        @functools.wraps(run)
+        def wrapper(request: HttpRequest, *args, **kwargs):
+            from claw.api import on_too_big  # claw.api imports this module
+
+            limit = getattr(settings, limit_setting)
+            if not hasattr(request, "_body"):
+                length = int(request.META.get("CONTENT_LENGTH") or 0)
+                body = request.read(limit + 1) if length <= limit else None
+                if body is None or len(body) > limit:  # a chunked body has no length
+                    return on_too_big(request, RequestDataTooBig())
+                request._body, request._stream = body, BytesIO(body)
+            return run(request, *args, **kwargs)
+
+        return wrapper
+
+    return decorator
+
+
+GRAPH_ERRORS = frozenset({401, 403, 404, 413, 422})
+
+
+@router.post("/groups/{slug}/tasks/graph", response={201: TaskGraphOut, GRAPH_ERRORS: ErrorOut})
+@decorate_view(body_up_to("CLAW_TASK_GRAPH_MAX_BYTES"))
+def task_graph_create_view(request: HttpRequest, slug: str, payload: TaskGraphIn):
+    """Create a whole task graph at once (member+): up to 5,000 tasks that name each other
+    by `key` (`depends_on`, `parent`) and may name existing tasks of the group by id
+    (`depends_on_ids`, `parent_id`). Each task is checked as single creation checks it and
+    starts as it would (ready, waiting, blocked, or held for a before_start approval); the
+    graph is checked as a whole. All or nothing: on any error nothing is created, and the
+    error's details name the task (`key`, `index`). 422 codes: validation_error (the
+    schema; its errors carry the task's key and index too), duplicate_key, unknown_key,
+    dependency_cycle (details.cycle: the keys round it), parent_cycle, unknown_toolkit,
+    unknown_dependency, invalid_steps, invalid. 413 too_large over the body bound
+    (CLAW_TASK_GRAPH_MAX_BYTES, 16 MiB). 403 below member, 404 outside the group."""
+    group = group_get_for_user(user=request.auth, slug=slug)
+    created = task_graph_create(
+        group=group,
+        actor=request.auth,
+        tasks=[
+            GraphTask(**dict(item))  # its Step models pass task_create's check as they are
+            for item in payload.tasks
+        ],
+    )
+    statuses: dict[str, int] = {}
+    for task in created.values():
+        statuses[task.status] = statuses.get(task.status, 0) + 1
+    return Status(
+        201, {"ids": {key: task.id for key, task in created.items()}, "statuses": statuses}
+    )
 
 
 @router.get("/tasks/{int:task_id}", response=TaskDetailOut)

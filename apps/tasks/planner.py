@@ -8,9 +8,9 @@ checkpoint.
     plan_edit (member+)      replaces a pending plan's proposal, re-validated (event
                              `plan.edited`); with if_match, only if the proposal is still
                              the one the editor started from (proposal_digest).
-    approve  → plan_apply    creates the sub-tasks under the goal (task_create with their
-                             dependencies, in the decision's transaction); the goal waits
-                             for the plan's last tasks (task_dependency_add).
+    approve  → plan_apply    creates the sub-tasks under the goal (task_graph_create, in the
+                             decision's transaction); the goal waits for the plan's last
+                             tasks (task_dependency_add).
     request changes → plan_replan: the planner is asked again, the note in the prompt.
     reject   → nothing more.
 
@@ -522,34 +522,38 @@ def _instructions(item: dict) -> str:
 
 def plan_apply(*, checkpoint, actor: AbstractBaseUser) -> list[int]:
     """An approved plan: its tasks become children of the goal, with their dependencies,
-    through task_create (inside the decision's transaction, so all or nothing). The goal
-    then depends on the plan's last tasks (those nothing else depends on), so it is ready
-    only once the plan's work is done. Returns the new task ids in plan order."""
-    from apps.tasks.services import task_create, task_dependency_add
+    through task_graph_create (inside the decision's transaction, so all or nothing). The
+    goal then depends on the plan's last tasks (those nothing else depends on), so it is
+    ready only once the plan's work is done. Returns the new task ids in plan order."""
+    from apps.tasks.graphs import GraphTask, task_graph_create
+    from apps.tasks.services import task_dependency_add
 
     goal = Task.objects.select_related("group").get(id=checkpoint.task_id)
     if goal.status in TERMINAL_TASK_STATUSES:
         raise InvalidTransition(f"The goal task is {goal.status}; the plan cannot be applied.")
     proposal = plan_validate(checkpoint.proposal, toolkits=known_toolkits())
-    ids: dict[str, int] = {}
-    for item in _topological_order(proposal["tasks"]):
-        task = task_create(
-            group=goal.group,
-            actor=actor,
-            title=item["title"],
-            instructions=_instructions(item),
-            required_toolkits=item["required_toolkits"],
-            parent_id=goal.id,
-            depends_on=[ids[key] for key in item["depends_on"]],
-        )
-        ids[item["key"]] = task.id
+    created = task_graph_create(
+        group=goal.group,
+        actor=actor,
+        tasks=[
+            GraphTask(
+                key=item["key"],
+                title=item["title"],
+                instructions=_instructions(item),
+                required_toolkits=item["required_toolkits"],
+                parent_id=goal.id,
+                depends_on=item["depends_on"],
+            )
+            for item in proposal["tasks"]
+        ],
+    )
+    ids = {key: task.id for key, task in created.items()}
     needed = {dep for item in proposal["tasks"] for dep in item["depends_on"]}
     last = [ids[item["key"]] for item in proposal["tasks"] if item["key"] not in needed]
     goal.refresh_from_db(fields=["status"])
     if goal.status in (TaskStatus.WAITING, TaskStatus.READY, TaskStatus.BLOCKED):
         for task in Task.objects.filter(id__in=last).order_by("id"):
             task_dependency_add(actor=actor, task=goal, depends_on=task)
-    created = [ids[item["key"]] for item in proposal["tasks"]]
     event_append(
         group_id=goal.group_id,
         kind="plan.applied",
@@ -557,4 +561,4 @@ def plan_apply(*, checkpoint, actor: AbstractBaseUser) -> list[int]:
         actor_id=actor.pk,
         payload={"checkpoint_id": checkpoint.id, "tasks": ids},
     )
-    return created
+    return list(ids.values())

@@ -42,6 +42,8 @@ from claw.errors import DomainError, InvalidInput, InvalidTransition, NotFound, 
 MAX_STEPS = 200
 MAX_BACKOFF = timedelta(seconds=60)
 MAX_DEPENDENCIES = 100
+CHECKPOINT_POLICIES = frozenset(CheckpointPolicy.values)
+DEPENDENCY_FAILURE_POLICIES = frozenset(DependencyFailurePolicy.values)
 
 
 class Step(BaseModel):
@@ -65,9 +67,12 @@ def _validated_steps(steps: list | None) -> list[dict]:
         raise InvalidInput(f"steps[{where}]: {first['msg']}", code="invalid_steps") from None
 
 
-def _validated_toolkits(slugs: list[str] | None) -> list[str]:
+def _validated_toolkits(slugs: list[str] | None, *, known: set[str] | None = None) -> list[str]:
+    """The slugs, sorted and unique, or unknown_toolkit. `known`: the registry's slugs when
+    the caller already read them (a graph checks all its tasks against one read)."""
     slugs = sorted(set(slugs or []))
-    known = set(Toolkit.objects.filter(slug__in=slugs).values_list("slug", flat=True))
+    if known is None:
+        known = set(Toolkit.objects.filter(slug__in=slugs).values_list("slug", flat=True))
     unknown = [slug for slug in slugs if slug not in known]
     if unknown:
         raise InvalidInput(
@@ -76,6 +81,91 @@ def _validated_toolkits(slugs: list[str] | None) -> list[str]:
             details={"unknown": unknown},
         )
     return slugs
+
+
+def _validated_task_fields(
+    *,
+    group: Group,
+    title: str,
+    priority: int,
+    max_attempts: int | None,
+    steps: list | None,
+    checkpoint_policy: str | None,
+    dependency_failure_policy: str | None,
+) -> dict:
+    """A new task's own fields, checked and with the group's defaults filled in, as Task
+    keyword arguments. Shared by task_create and task_graph_create."""
+    checkpoint_policy = checkpoint_policy or group.default_checkpoint_policy
+    if checkpoint_policy not in CHECKPOINT_POLICIES:
+        raise InvalidInput(
+            f"checkpoint_policy must be one of {', '.join(CheckpointPolicy.values)}."
+        )
+    dependency_failure_policy = dependency_failure_policy or group.dependency_failure_policy
+    if dependency_failure_policy not in DEPENDENCY_FAILURE_POLICIES:
+        raise InvalidInput(
+            f"dependency_failure_policy must be one of {', '.join(DependencyFailurePolicy.values)}."
+        )
+    title = (title or "").strip()
+    if not title or len(title) > 200:
+        raise InvalidInput("A task needs a title of 1 to 200 characters.")
+    if not -100 <= priority <= 100:
+        raise InvalidInput("priority must be from -100 to 100.")
+    if max_attempts is not None and not 1 <= max_attempts <= 100:
+        raise InvalidInput("max_attempts must be from 1 to 100.")
+    return {
+        "title": title,
+        "priority": priority,
+        "max_attempts": max_attempts or group.max_attempts,
+        "steps": _validated_steps(steps),
+        "checkpoint_policy": checkpoint_policy,
+        "dependency_failure_policy": dependency_failure_policy,
+    }
+
+
+def _check_dependency_count(count: int) -> None:
+    if count > MAX_DEPENDENCIES:
+        raise InvalidInput(f"A task depends on at most {MAX_DEPENDENCIES} tasks.")
+
+
+def _parent_roots(*, group_id: int, parent_ids: Iterable[int]) -> dict[int, int]:
+    """The root of each parent task, by id; InvalidInput (details parent_id) for one that is
+    not in the group."""
+    parent_ids = sorted(set(parent_ids))
+    if not parent_ids:
+        return {}
+    roots = dict(
+        Task.objects.filter(id__in=parent_ids, group_id=group_id).values_list("id", "root_id")
+    )
+    for parent_id in parent_ids:
+        if parent_id not in roots:
+            raise InvalidInput(
+                f"Parent task {parent_id} is not in this group.", details={"parent_id": parent_id}
+            )
+    return roots
+
+
+def _lock_dependencies(*, group_id: int, dep_ids: Iterable[int]) -> dict[int, str]:
+    """The status of each dependency a new task names, by id, the rows locked in id order;
+    unknown_dependency (details missing) for those not in the group. Locked, like a
+    dependent in _release_dependents: a dependency succeeding meanwhile could not see the
+    uncommitted new task, and it would wait for ever."""
+    dep_ids = sorted(set(dep_ids))
+    if not dep_ids:
+        return {}
+    deps = dict(
+        Task.objects.filter(id__in=dep_ids, group_id=group_id)
+        .select_for_update(no_key=True)
+        .order_by("id")
+        .values_list("id", "status")
+    )
+    missing = [dep for dep in dep_ids if dep not in deps]
+    if missing:
+        raise InvalidInput(
+            f"Dependencies not in this group: {', '.join(map(str, missing))}.",
+            code="unknown_dependency",
+            details={"missing": missing},
+        )
+    return deps
 
 
 def _status_from_dependencies(statuses: Iterable[str]) -> str:
@@ -161,70 +251,43 @@ def task_create(
     checkpoint_policy: str | None = None,
     dependency_failure_policy: str | None = None,
 ) -> Task:
-    """A new task. checkpoint_policy and dependency_failure_policy default to the group's."""
+    """A new task. checkpoint_policy and dependency_failure_policy default to the group's.
+    A whole graph at once: apps.tasks.graphs.task_graph_create."""
     _require_writer(group_id=group.id, actor=actor, agent=agent)
-    checkpoint_policy = checkpoint_policy or group.default_checkpoint_policy
-    if checkpoint_policy not in CheckpointPolicy.values:
-        raise InvalidInput(
-            f"checkpoint_policy must be one of {', '.join(CheckpointPolicy.values)}."
-        )
-    dependency_failure_policy = dependency_failure_policy or group.dependency_failure_policy
-    if dependency_failure_policy not in DependencyFailurePolicy.values:
-        raise InvalidInput(
-            f"dependency_failure_policy must be one of {', '.join(DependencyFailurePolicy.values)}."
-        )
-    title = title.strip()
-    if not title or len(title) > 200:
-        raise InvalidInput("A task needs a title of 1 to 200 characters.")
-    if not -100 <= priority <= 100:
-        raise InvalidInput("priority must be from -100 to 100.")
-    if max_attempts is not None and not 1 <= max_attempts <= 100:
-        raise InvalidInput("max_attempts must be from 1 to 100.")
-    steps = _validated_steps(steps)
+    fields = _validated_task_fields(
+        group=group,
+        title=title,
+        priority=priority,
+        max_attempts=max_attempts,
+        steps=steps,
+        checkpoint_policy=checkpoint_policy,
+        dependency_failure_policy=dependency_failure_policy,
+    )
     toolkits = _validated_toolkits(required_toolkits)
     dep_ids = sorted(set(depends_on or []))
-    if len(dep_ids) > MAX_DEPENDENCIES:
-        raise InvalidInput(f"A task depends on at most {MAX_DEPENDENCIES} tasks.")
+    _check_dependency_count(len(dep_ids))
 
     with transaction.atomic():
-        parent = None
-        if parent_id is not None:
-            parent = Task.objects.filter(id=parent_id, group=group).first()
-            if parent is None:
-                raise InvalidInput(f"Parent task {parent_id} is not in this group.")
-        # Locked, like a dependent in _release_dependents: a dependency succeeding meanwhile
-        # could not see this uncommitted task, and it would wait for ever.
-        deps = dict(
-            Task.objects.filter(id__in=dep_ids, group=group)
-            .select_for_update(no_key=True)
-            .order_by("id")
-            .values_list("id", "status")
-        )
-        missing = [dep for dep in dep_ids if dep not in deps]
-        if missing:
-            raise InvalidInput(
-                f"Dependencies not in this group: {', '.join(map(str, missing))}.",
-                code="unknown_dependency",
-            )
+        parent_ids = [] if parent_id is None else [parent_id]
+        roots = _parent_roots(group_id=group.id, parent_ids=parent_ids)
+        deps = _lock_dependencies(group_id=group.id, dep_ids=dep_ids)
         status = _status_from_dependencies(deps.values())
-        held = status == TaskStatus.READY and checkpoint_policy == CheckpointPolicy.BEFORE_START
+        held = (
+            status == TaskStatus.READY
+            and fields["checkpoint_policy"] == CheckpointPolicy.BEFORE_START
+        )
         task = Task.objects.create(
             group=group,
-            parent=parent,
-            title=title,
+            parent_id=parent_id,
             instructions=instructions,
-            steps=steps,
             required_toolkits=toolkits,
-            priority=priority,
-            max_attempts=max_attempts or group.max_attempts,
             status=TaskStatus.WAITING if held else status,
-            checkpoint_policy=checkpoint_policy,
-            dependency_failure_policy=dependency_failure_policy,
             created_by_user=actor if agent is None else None,
             created_by_agent=agent,
+            **fields,
         )
-        Task.objects.filter(id=task.id).update(root_id=parent.root_id if parent else task.id)
-        task.root_id = parent.root_id if parent else task.id
+        task.root_id = roots[parent_id] if parent_id is not None else task.id
+        Task.objects.filter(id=task.id).update(root_id=task.root_id)
         TaskDependency.objects.bulk_create(
             [TaskDependency(task=task, depends_on_id=dep) for dep in dep_ids]
         )
@@ -234,7 +297,7 @@ def task_create(
             task_id=task.id,
             agent_id=agent.id if agent else None,
             actor_id=actor.pk if actor and not agent else None,
-            payload={"title": title, "status": task.status, "depends_on": dep_ids},
+            payload={"title": task.title, "status": task.status, "depends_on": dep_ids},
         )
         if held:
             _ask_to_start(task)
