@@ -28,7 +28,13 @@ from apps.checkpoints.models import Checkpoint, CheckpointSource
 from apps.checkpoints.services import checkpoint_raise
 from apps.devices import consumers
 from apps.events.models import Event
-from apps.tasks.services import attempt_accept, attempt_lose, task_assign, task_create
+from apps.tasks.services import (
+    attempt_accept,
+    attempt_lose,
+    task_assign,
+    task_cancel,
+    task_create,
+)
 from claw import protocol
 from claw.asgi import application
 from tests.conftest import make_agent
@@ -100,8 +106,11 @@ def world(personas) -> World:
         return task, attempt
 
     task, attempt = running(personas.group, personas.member, mine, "mine")
-    _, lost = running(personas.group, personas.member, mine, "lost")
+    lost_task, lost = running(personas.group, personas.member, mine, "lost")
     attempt_lose(attempt_id=lost.id, reason="lease expired")
+    # Not ready again: a hello matches its agent at once, and an offer made while an
+    # example runs would count among its changes.
+    task_cancel(actor=personas.member, task=lost_task)
     _, neighbour = running(personas.group, personas.member, personas.agent, "neighbour's")
     foreign_task, foreign = running(
         personas.other_group, personas.outsider, personas.other_agent, "theirs"

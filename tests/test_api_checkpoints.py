@@ -185,11 +185,12 @@ def test_an_owner_sets_the_groups_checkpoint_and_dependency_policies(personas):
 
 
 def test_approving_reassign_names_the_agent(personas):
-    from apps.tasks.services import attempt_lose, task_assign
+    from apps.tasks.services import attempt_accept, attempt_lose, task_assign
     from tests.conftest import make_agent
 
     task = task_create(group=personas.group, actor=personas.member, title="Flaky", max_attempts=1)
     attempt = task_assign(task_id=task.id, agent_id=personas.agent.id)
+    attempt_accept(attempt_id=attempt.id, agent=personas.agent, epoch=attempt.epoch)
     attempt_lose(attempt_id=attempt.id, reason="lease expired")
     checkpoint = Checkpoint.objects.get(task=task, kind="max_attempts")
     chosen = make_agent(personas.group, "chosen")

@@ -181,6 +181,7 @@ def test_the_openapi_schema_loads_and_lists_every_path(db):
         "/groups/{slug}/toolkits/{toolkit}/skills",
         "/groups/{slug}/toolkits/{toolkit}/skills/documents",
         "/groups/{slug}/tasks",
+        "/groups/{slug}/tasks/graph",
         "/tasks/{task_id}",
         "/tasks/{task_id}/cancel",
         "/tasks/{task_id}/retry",

@@ -17,7 +17,7 @@ from apps.devices.skills import skill_edit
 from apps.events.models import Event
 from apps.groups.models import ApiToken, Group, Membership, Role
 from apps.groups.services import api_token_authenticate
-from apps.tasks.services import attempt_lose, task_assign, task_create
+from apps.tasks.services import attempt_accept, attempt_lose, task_assign, task_create
 from tests.conftest import make_agent, make_user
 
 pytestmark = pytest.mark.django_db
@@ -347,6 +347,7 @@ def test_owners_revoke_devices_and_drain_agents_and_devices(as_, personas):
 def exhausted(personas):
     task = task_create(group=personas.group, actor=personas.member, title="Flaky", max_attempts=1)
     attempt = task_assign(task_id=task.id, agent_id=personas.agent.id)
+    attempt_accept(attempt_id=attempt.id, agent=personas.agent, epoch=attempt.epoch)
     attempt_lose(attempt_id=attempt.id, reason="lease expired")
     return Checkpoint.objects.get(task=task, kind="max_attempts")
 

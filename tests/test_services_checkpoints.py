@@ -196,10 +196,11 @@ def test_a_former_approver_cannot_decide(personas, running):
 
 @pytest.fixture
 def exhausted(personas):
-    from apps.tasks.services import attempt_lose
+    from apps.tasks.services import attempt_accept, attempt_lose
 
     task = task_create(group=personas.group, actor=personas.member, title="Flaky", max_attempts=1)
     attempt = task_assign(task_id=task.id, agent_id=personas.agent.id)
+    attempt_accept(attempt_id=attempt.id, agent=personas.agent, epoch=attempt.epoch)
     attempt_lose(attempt_id=attempt.id, reason="lease expired")
     checkpoint = Checkpoint.objects.get(task=task)
     assert (checkpoint.kind, checkpoint.options) == (

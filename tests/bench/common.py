@@ -53,3 +53,17 @@ def forget_redis_keys(redis_url: str, prefix: str) -> None:
     keys = list(client.scan_iter(match=f"*{prefix}*", count=1000))
     for start in range(0, len(keys), 1000):
         client.delete(*keys[start : start + 1000])
+
+
+def close_connections_before_fork() -> None:
+    """Close this process's database connections and its connection pool before forking:
+    a child must inherit no open connection. A pooled one (CLAW_DB_POOL) would otherwise
+    be handed out in two processes at once, on one socket, and the two would corrupt each
+    other's protocol (a race worker hung, idle in a transaction, with the parent's socket).
+    Closing the pool in the child instead would say goodbye on the parent's sockets."""
+    from django.db import connections
+
+    for conn in connections.all(initialized_only=True):
+        conn.close()
+        if conn.settings_dict.get("OPTIONS", {}).get("pool"):
+            conn.close_pool()

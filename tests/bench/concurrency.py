@@ -25,6 +25,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from tests.bench.common import close_connections_before_fork
+
 
 @dataclass
 class RaceReport:
@@ -255,10 +257,9 @@ def _check_released(kind: str, plan: dict, tasks: dict) -> list[str]:
 
 
 def run_races(*, races: int, workers: int, kind: str) -> RaceReport:
-    from django.db import connections
 
     plan = _setup(races, workers, kind)
-    connections.close_all()
+    close_connections_before_fork()
     ctx = multiprocessing.get_context("fork")
     barrier, results = ctx.Barrier(workers), ctx.Queue()
     procs = [

@@ -51,7 +51,13 @@ import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.bench.common import bench_database, forget_redis_keys, log, percentile
+from tests.bench.common import (
+    bench_database,
+    close_connections_before_fork,
+    forget_redis_keys,
+    log,
+    percentile,
+)
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 TARGETS = {"claims_per_s": 1000, "latency_p50_ms": 50, "detection_p95_s": 15}
@@ -325,12 +331,12 @@ def check_claims(plan: dict, report: ClaimReport) -> list[str]:
 def claim_round(*, mode: str, plan: dict, claims: int, processes: int, batch: int):
     """Add `claims` ready tasks to the plan's groups and let `processes` processes claim
     them all (mode "claw": tasks_match; "raw": SQL). Returns this round's report."""
-    from django.db import connection, connections
+    from django.db import connection
 
     add_ready_tasks(plan, claims)
     with connection.cursor() as cursor:
         cursor.execute("ANALYZE")
-    connections.close_all()
+    close_connections_before_fork()
     ctx = multiprocessing.get_context("fork")
     barrier, results = ctx.Barrier(processes + 1), ctx.Queue()
     target = _claw_worker if mode == "claw" else _raw_worker

@@ -6,10 +6,13 @@ migrated, dropped at the end), its own redis-server on a free port (or --redis-u
 processes (`python -m claw.web`) behind a round-robin TCP front (tests/bench/front.py), two
 Celery workers (concurrency 2) and one beat. --drivers processes (tests/bench/swarm_driver.py)
 run the --agents agents, each with its own device and websocket through the front. An
-M-task layered DAG is created through the HTTP API (CREATORS: one POST per task, a layer at
-a time, --create-concurrency at once). Mid-run (--fault-at, 40 % of the tasks done) 10 % of
-the agents are killed with -9 (one driver holds exactly them), then one web process is
-killed with -9 and restarted after a few seconds, then one worker (--no-faults: none).
+M-task layered DAG is created through the HTTP API (CREATORS: `graph`, the default, in one
+POST /tasks/graph; `posts`, one POST per task, a layer at a time, --create-concurrency at
+once), behind a gate task held for approval: the graph's execution is timed from the
+gate's opening, apart from its creation (--no-gate: tasks run as they are created).
+Mid-run (--fault-at, 40 % of the tasks done) 10 % of the agents are killed with -9 (one
+driver holds exactly them), then one web process is killed with -9 and restarted after a
+few seconds, then one worker (--no-faults: none).
 
 Measured: wall time and tasks/s; ready -> offered (from the events: the task.assigned
 event against the latest event that made the task ready), offer delivered at the agent
@@ -49,7 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.bench.common import bench_database, log, percentile
+from tests.bench.common import bench_database, close_connections_before_fork, log, percentile
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 LIVE_STATUSES = ("waiting", "ready", "assigned", "running", "review")
@@ -486,8 +489,29 @@ def create_by_posts(
     return {"ids": [i for layer in ids for i in layer], "latencies": latencies, "retries": retries}
 
 
-# A bulk graph endpoint (issue #16) would go here as another creator, taking the same graph.
-CREATORS = {"posts": create_by_posts}
+def create_by_graph(
+    base: str, token: str, slug: str, graph, concurrency: int, gate_id: int | None = None
+) -> dict:
+    """The whole graph in one POST /api/v1/groups/SLUG/tasks/graph, tasks naming each
+    other by key."""
+    tasks = [
+        {
+            "key": f"L{n}-{i}",
+            "title": f"swarm L{n} #{i}",
+            "depends_on": [f"L{n - 1}-{d}" for d in deps],
+            "depends_on_ids": [gate_id] if gate_id is not None and n == 0 else [],
+        }
+        for n, layer in enumerate(graph)
+        for i, deps in enumerate(layer)
+    ]
+    started = time.perf_counter()
+    status, body = api(base, token, "POST", f"/api/v1/groups/{slug}/tasks/graph", {"tasks": tasks})
+    assert status == 201, body
+    ids = [body["ids"][task["key"]] for task in tasks]
+    return {"ids": ids, "latencies": [time.perf_counter() - started], "retries": 0}
+
+
+CREATORS = {"posts": create_by_posts, "graph": create_by_graph}
 
 
 # --- faults ------------------------------------------------------------------------------
@@ -799,7 +823,7 @@ def run(args, url: str, workdir: Path) -> dict:
     report: dict = {"agents": args.agents, "tasks": args.tasks, "faults": {"on": args.faults}}
     from django.db import connections
 
-    connections.close_all()  # the floor's processes are forked
+    close_connections_before_fork()  # the floor's processes are forked
     log(f"raw SQL floor: {args.floor_rows} rows, {args.floor_processes} processes")
     report["floor"] = raw_floor(url, args.floor_rows, args.floor_processes)
     log(f"raw SQL floor: {report['floor']['per_s']:.0f} claim+complete/s")
@@ -941,7 +965,7 @@ def main() -> None:
     parser.add_argument("--work-min-ms", type=float, default=50)
     parser.add_argument("--work-max-ms", type=float, default=200)
     parser.add_argument("--progress", action="store_true", help="one progress frame per task")
-    parser.add_argument("--create", choices=sorted(CREATORS), default="posts")
+    parser.add_argument("--create", choices=sorted(CREATORS), default="graph")
     parser.add_argument("--create-concurrency", type=int, default=16)
     parser.add_argument(
         "--no-gate",
