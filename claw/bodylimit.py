@@ -15,6 +15,7 @@ from django.conf import settings
 FRAMING_BYTES = 64 * 1024
 ARTIFACT_UPLOAD = re.compile(r"^/api/v1/tasks/[0-9]+/artifacts/?$")
 TASK_GRAPH = re.compile(r"^/api/v1/groups/[^/]+/tasks/graph/?$")
+MODEL_GATEWAY = "/v1/"
 
 
 # After a refusal, how long the rest of the body is read and dropped before the connection
@@ -28,11 +29,14 @@ class BodyTooLarge(Exception):
 
 def body_limit(path: str) -> int:
     """The largest body a path may get: artifact uploads up to CLAW_ARTIFACT_MAX_BYTES, a
-    task graph up to CLAW_TASK_GRAPH_MAX_BYTES; everything else up to the largest form or
-    document (skill documents, 2 MiB)."""
+    task graph up to CLAW_TASK_GRAPH_MAX_BYTES, a model call up to the gateway's own bound;
+    everything else up to the largest form or document (skill documents, 2 MiB)."""
     from apps.devices.skills import MAX_DOCUMENT_BYTES  # here: the web server loads it early
+    from apps.llm.gateway import MAX_BODY_BYTES
 
-    if ARTIFACT_UPLOAD.match(path):
+    if path.startswith(MODEL_GATEWAY):
+        largest = MAX_BODY_BYTES
+    elif ARTIFACT_UPLOAD.match(path):
         largest = settings.CLAW_ARTIFACT_MAX_BYTES
     elif TASK_GRAPH.match(path):
         largest = settings.CLAW_TASK_GRAPH_MAX_BYTES
@@ -41,14 +45,21 @@ def body_limit(path: str) -> int:
     return largest + FRAMING_BYTES
 
 
-def _refusal(limit: int) -> bytes:
-    return json.dumps(
-        {"code": "too_large", "message": f"The request body is larger than {limit} bytes."}
-    ).encode()
+def _refusal(limit: int, path: str) -> bytes:
+    message = f"The request body is larger than {limit} bytes."
+    if path.startswith(MODEL_GATEWAY):  # what OpenAI clients read (apps.llm.gateway)
+        error = {
+            "message": message,
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "request_too_large",
+        }
+        return json.dumps({"error": error}).encode()
+    return json.dumps({"code": "too_large", "message": message}).encode()
 
 
-async def _refuse(send, limit: int) -> None:
-    body = _refusal(limit)
+async def _refuse(send, limit: int, path: str) -> None:
+    body = _refusal(limit, path)
     await send(
         {
             "type": "http.response.start",
@@ -69,7 +80,7 @@ def limit_body(app):
         limit = body_limit(scope["path"])
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                await _refuse(send, limit)
+                await _refuse(send, limit, scope["path"])
                 return
         received = 0
         started = False
@@ -92,7 +103,7 @@ def limit_body(app):
             await app(scope, limited_receive, tracked_send)
         except BodyTooLarge:
             if not started:
-                await _refuse(send, limit)
+                await _refuse(send, limit, scope["path"])
 
     return middleware
 
@@ -116,11 +127,13 @@ def daphne_refuses_large_bodies() -> None:
 
         body_limit: float = float("inf")
         body_received = 0
+        body_path = "/"
 
         def gotLength(self, length: int | None) -> None:
             if settings.configured:  # else the server runs an app other than Claw's
                 raw_path = getattr(self.channel, "_path", b"/").split(b"?", 1)[0]
-                self.body_limit = body_limit(unquote(raw_path.decode("latin-1")))
+                self.body_path = unquote(raw_path.decode("latin-1"))
+                self.body_limit = body_limit(self.body_path)
             if length is not None and length > self.body_limit:
                 self._refuse()
             super().gotLength(0 if self.refused else length)
@@ -142,7 +155,7 @@ def daphne_refuses_large_bodies() -> None:
             from twisted.internet import reactor  # Daphne's, installed by now
 
             self.refused = True
-            body = _refusal(self.body_limit)
+            body = _refusal(self.body_limit, self.body_path)
             transport = self.channel.transport
             transport.write(
                 b"HTTP/1.1 413 Content Too Large\r\n"

@@ -171,3 +171,12 @@ def test_the_daphne_request_class_we_extend_is_the_release_it_was_written_for():
     assert version("daphne") == DAPHNE_VERSION
     for method in ("gotLength", "handleContentChunk", "process"):
         assert callable(getattr(http_protocol.WebRequest, method))
+
+
+async def test_a_model_call_gets_the_gateways_bound_and_an_openai_style_refusal():
+    within = await post("/v1/chat/completions", mib=3)
+    beyond = await post("/v1/chat/completions", mib=40)
+
+    assert within["status"] != 413 and within["read"] == 3
+    assert beyond["status"] == 413 and beyond["read"] == 5  # 4 MiB + framing
+    assert json.loads(beyond["body"])["error"]["code"] == "request_too_large"
