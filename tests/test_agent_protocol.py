@@ -47,6 +47,11 @@ async def connected(token: str | None, *, hello: dict | None = HELLO):
             welcome = await ws.receive_json_from(timeout=5)
             assert welcome["type"] == "welcome", welcome
             ws.welcome = welcome
+            # The hello matches its agent after the welcome; the socket answers frames in
+            # order, so once this is acked that match is over (and took nothing a test
+            # creates next).
+            settled = await call(ws, {"type": "heartbeat", "id": "settled"})
+            assert settled["type"] == "ack", settled
         yield ws
     finally:
         await ws.disconnect()
