@@ -322,7 +322,9 @@ def test_the_agent_reconnects_when_the_server_restarts_and_keeps_working(server,
     config = tmp_path / "device.json"
     pair(server, config, "steady")
     steps = [
-        {"tool": "shell", "args": {"cmd": "sleep 1.5"}},
+        # Long enough for the server to be stopped while it runs (a loaded machine once
+        # took more than 1.5 s to stop it, and the whole task finished before it was down).
+        {"tool": "shell", "args": {"cmd": "sleep 4"}},
         {"tool": "shell", "args": {"cmd": "echo after"}},
     ]
     task_id = server.create_task("across a server restart", steps)

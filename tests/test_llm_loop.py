@@ -591,7 +591,7 @@ def test_a_goal_is_planned_approved_and_run_by_two_model_agents(platform, model,
         assert check["attempts"][0]["agent"]["name"] == "checker"
         assert (tmp_path / "w" / "draft.md").read_text() == "# Note"
         status, artifacts = server.api("GET", f"/tasks/{ids['Draft the note']}/artifacts")
-        assert [a["name"] for a in artifacts] == ["draft.md"]
+        assert [a["name"] for a in artifacts] == ["draft.md"], writer.output()
         kinds = [e["kind"] for e in server.events(ids["Draft the note"])]
         assert "progress.tool_call" in kinds and "progress.log" in kinds
     # The planner's call and six agent turns, all through the server: the agents' calls went
