@@ -7,6 +7,7 @@ Every helper below raises ImproperlyConfigured on a bad value instead of guessin
 
 import os
 import secrets
+import sys
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlparse
 
@@ -91,6 +92,16 @@ def database_from_url(url: str) -> dict:
     )
 
 
+def _celery_process() -> bool:
+    """A Celery worker or beat (`celery -A claw …`, `python -m celery …`). They keep plain
+    connections: Celery closes them around every task anyway, and a worker forks its
+    children from a process whose maintainer thread uses the database, so a pool there
+    would only add sockets a child could inherit; Celery's fork handling is written for
+    plain connections."""
+    program = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    return program.name == "celery" or program.parent.name == "celery"
+
+
 def database_pool() -> dict | None:
     """psycopg's connection pool, per process (CLAW_DB_POOL=0: one connection per thread,
     kept CLAW_DB_CONN_MAX_AGE seconds). Without it every thread that ever ran an ORM call
@@ -102,7 +113,7 @@ def database_pool() -> dict | None:
     and beat does not touch the database. A caller that waits CLAW_DB_POOL_TIMEOUT for a
     free connection gets an OperationalError (PoolTimeout), which the API and pages answer
     with 503 database_unavailable."""
-    if not env_bool("CLAW_DB_POOL", True):
+    if not env_bool("CLAW_DB_POOL", not _celery_process()):
         return None
     min_size = env_int("CLAW_DB_POOL_MIN", 1)
     max_size = env_int("CLAW_DB_POOL_MAX", 20, minimum=1)

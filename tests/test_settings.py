@@ -221,3 +221,20 @@ def test_django_processes_enqueue_on_claws_celery_app():
 
     assert current_app.main == "claw"
     assert beat_tick.app.main == "claw"
+
+
+@pytest.mark.parametrize(
+    ("program", "pooled"),
+    [
+        ("/srv/claw/.venv/bin/celery", False),
+        ("/srv/claw/.venv/lib/python3.11/site-packages/celery/__main__.py", False),
+        ("/srv/claw/claw/web.py", True),
+        ("/srv/claw/.venv/bin/claw", True),
+    ],
+)
+def test_celery_processes_keep_plain_connections_web_processes_pool(monkeypatch, program, pooled):
+    from claw import settings as claw_settings
+
+    monkeypatch.setattr("sys.argv", [program])
+    monkeypatch.delenv("CLAW_DB_POOL", raising=False)
+    assert (claw_settings.database_pool() is not None) is pooled
