@@ -401,3 +401,20 @@ def test_a_socket_closing_normally_leaves_no_web_process_on_the_agent(personas):
     assert agent.server_id == web_1.id
     agent_connection_closed(agent_id=agent.id, connection="chan-1")
     assert Agent.objects.get(id=agent.id).server_id is None
+
+
+def test_a_web_process_seen_again_after_the_sweeper_looked_keeps_its_agents(personas):
+    """The sweeper reads which processes went silent, then marks their agents one by one:
+    a process that heartbeats in between (it was only slow) keeps its agents online."""
+    from apps.devices.services import agent_server_lost
+
+    web_1 = server_process_register(name="web-1")
+    agent = on_server(personas.agent, web_1)
+    silent_since = web_1.last_seen_at
+    with later(SERVER_SILENCE.total_seconds() + 1):
+        server_process_heartbeat(server_id=web_1.id)  # after the sweeper's read
+        marked = agent_server_lost(
+            agent_id=agent.id, connection="chan-1", server_id=web_1.id, since=silent_since
+        )
+    assert marked is False
+    assert Agent.objects.get(id=agent.id).status == AgentStatus.ONLINE

@@ -383,6 +383,9 @@ def agent_server_lost(*, agent_id: int, connection: str, server_id: int, since) 
         updated = (
             Agent.objects.filter(id=agent_id, connection=connection, server_id=server_id)
             .filter(status__in=[AgentStatus.ONLINE, AgentStatus.BUSY, AgentStatus.DRAINING])
+            # Still unseen since the sweeper looked: a process that was only slow and has
+            # heartbeated meanwhile keeps its agents.
+            .filter(server__last_seen_at__lte=since)
             .update(status=AgentStatus.SUSPECT, disconnected_at=since)
         )
         if updated:
