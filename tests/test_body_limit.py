@@ -150,7 +150,9 @@ def test_daphne_answers_413_while_a_300_mib_upload_is_still_being_sent(web, chun
 
     assert answer.startswith(b"HTTP/1.1 413"), answer
     assert b'"code": "too_large"' in answer
-    assert sent <= 60  # refused at the 50 MiB limit (a declared length: at once), not at 300
+    # Refused at the 50 MiB limit (a declared length: at once), not at 300; the client keeps
+    # sending until it reads the answer, which on a loaded machine took 11 MiB more.
+    assert sent <= 100
 
 
 def test_daphne_passes_a_body_within_the_limit_to_django(web):
